@@ -1,0 +1,20 @@
+"""convmixer-kernels: fused Triton and CUDA kernels for ConvMixer.
+
+Public API:
+    ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *, in_chans=3,
+              activation="gelu", fused=False, backend="auto")
+    FusedDepthwiseBlock, FusedPointwiseBlock, FusedConvMixerLayer  (each with .from_module)
+    fuse_convmixer(model, backend="auto"), unfuse_convmixer(model), plan_fusion(model)
+    available_backends(device=None), explain_backends(device=None), BackendUnavailableError
+"""
+from ._version import __version__
+from .backends import BackendUnavailableError, available_backends, explain_backends
+from .convert import fuse_convmixer, plan_fusion, unfuse_convmixer
+from .model import ConvMixer
+from .modules import FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock, Residual
+
+__all__ = [
+    "__version__", "ConvMixer", "FusedDepthwiseBlock", "FusedPointwiseBlock", "FusedConvMixerLayer", "Residual",
+    "fuse_convmixer", "unfuse_convmixer", "plan_fusion", "available_backends", "explain_backends",
+    "BackendUnavailableError",
+]

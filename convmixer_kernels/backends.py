@@ -1,0 +1,212 @@
+"""Backend selection, in one place.
+
+Three backends compute the same fused blocks:
+
+* ``"torch"``  - the reference composition of PyTorch ops. Runs anywhere.
+* ``"triton"`` - Triton kernels. Needs a CUDA tensor, or ``TRITON_INTERPRET=1``
+  (the interpreter, CPU tensors; only when asked for explicitly, never by "auto").
+* ``"cuda"``   - the hand-written CUDA extension built from ``csrc/``.
+
+``"auto"`` (the default, overridable with the ``CONVMIXER_KERNELS_BACKEND``
+environment variable) takes the first backend in ``PREFERENCE`` that can run the
+call and logs, at debug level, why it skipped the others. An explicitly requested
+backend that cannot run in this environment raises ``BackendUnavailableError``
+naming the reason and the fix. An explicitly requested backend that runs here but
+does not support one particular call (say a dtype) falls back to "torch" and logs
+a warning once per reason. ``CONVMIXER_KERNELS_STRICT=1`` turns that fallback into
+an error (benchmarks use it so they never time the wrong thing).
+
+Each op module registers its implementations with ``register_op``; the
+implementation for a backend is imported lazily, so a missing Triton or an
+unbuilt extension never breaks the torch path.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+log = logging.getLogger("convmixer_kernels")
+
+BACKENDS = ("torch", "triton", "cuda")
+PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, best first
+ENV_BACKEND = "CONVMIXER_KERNELS_BACKEND"
+ENV_STRICT = "CONVMIXER_KERNELS_STRICT"
+
+CUDA_BUILD_COMMAND = "CONVMIXER_KERNELS_FORCE_BUILD=1 pip install --no-build-isolation -e ."
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and how to fix it."""
+
+
+def validate_backend_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+    return name
+
+
+def requested_backend(name: str = "auto") -> str:
+    """The backend a caller asked for, with the environment variable replacing the default "auto"."""
+    validate_backend_name(name)
+    if name == "auto":
+        env = os.environ.get(ENV_BACKEND, "").strip()
+        if env:
+            try:
+                return validate_backend_name(env)
+            except ValueError as e:
+                raise ValueError(f"{ENV_BACKEND}={env!r}: {e}") from None
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(e).__name__}: {e}); fix: pip install 'triton>=3.6'"
+    return None
+
+
+def _cuda_extension_error() -> Optional[str]:
+    from . import _cuda_ext
+
+    return _cuda_ext.load_error()
+
+
+def environment_reason(backend: str, device: torch.device, *, auto: bool = False) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` in this environment, or None if it can.
+
+    With ``auto=True`` the Triton interpreter does not count: it is a debugging
+    path, used only when "triton" is asked for by name.
+    """
+    device = torch.device(device)
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if triton_interpreting():
+            if auto:
+                return ("input is on CPU: 'auto' does not use the Triton interpreter "
+                        "(TRITON_INTERPRET=1); ask for backend='triton' to use it")
+            return None
+        return (f"input is on {device.type}: Triton kernels need a CUDA tensor "
+                "(or TRITON_INTERPRET=1 and backend='triton' to run them in the interpreter on CPU)")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"input is on {device.type}: the CUDA extension needs a CUDA tensor"
+        return _cuda_extension_error()
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# ---------------------------------------------------------------- op registry
+
+
+@dataclass
+class OpImplementation:
+    """Where a backend's implementation of an op lives, and what it supports.
+
+    ``target`` is "module:function", imported on first use. ``unsupported`` maps a
+    call's configuration to a reason string, or None when the call is supported.
+    """
+
+    target: str
+    unsupported: Callable[..., Optional[str]] = lambda **config: None
+    _fn: Optional[Callable] = None
+
+    def load(self) -> Callable:
+        if self._fn is None:
+            module_name, fn_name = self.target.split(":")
+            self._fn = getattr(importlib.import_module(module_name), fn_name)
+        return self._fn
+
+
+_REGISTRY: Dict[str, Dict[str, OpImplementation]] = {}
+
+
+def register_op(op: str, backend: str, target: str, unsupported: Optional[Callable[..., Optional[str]]] = None):
+    validate_backend_name(backend)
+    impl = OpImplementation(target, unsupported or (lambda **config: None))
+    _REGISTRY.setdefault(op, {})[backend] = impl
+
+
+def implemented_backends(op: str):
+    return [b for b in BACKENDS if b in _REGISTRY.get(op, {})]
+
+
+def _call_reason(op: str, backend: str, device, config: dict, auto: bool) -> Optional[str]:
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return f"no {backend} implementation of {op} yet"
+    reason = environment_reason(backend, device, auto=auto)
+    if reason:
+        return reason
+    return impl.unsupported(**config)
+
+
+_warned: set = set()
+
+
+def _fallback(op: str, backend: str, reason: str) -> str:
+    if os.environ.get(ENV_STRICT, "0") not in ("", "0"):
+        raise BackendUnavailableError(f"{op}: backend {backend!r} does not support this call: {reason} "
+                                      f"({ENV_STRICT} is set, so no fallback)")
+    key = (op, backend, reason)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s: backend %r does not support this call (%s); falling back to 'torch'", op, backend, reason)
+    return "torch"
+
+
+def choose_backend(op: str, requested: str, device, **config) -> str:
+    """Pick the backend that runs one call of ``op``; see the module docstring for the rules."""
+    requested = requested_backend(requested)
+    if requested == "auto":
+        for name in PREFERENCE:
+            reason = _call_reason(op, name, device, config, auto=True)
+            if reason is None:
+                return name
+            log.debug("%s: auto skipped backend %r: %s", op, name, reason)
+        raise AssertionError("the torch backend always runs")  # pragma: no cover
+    impl = _REGISTRY.get(op, {}).get(requested)
+    if impl is None:
+        raise BackendUnavailableError(f"{op}: backend {requested!r} is not implemented for this op; "
+                                      f"use backend='auto' or one of {implemented_backends(op)}")
+    reason = environment_reason(requested, device)
+    if reason:
+        fix = f"; fix: {CUDA_BUILD_COMMAND}" if requested == "cuda" and "not built" in reason else ""
+        raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run here: {reason}{fix}")
+    reason = impl.unsupported(**config)
+    if reason:
+        return _fallback(op, requested, reason)
+    return requested
+
+
+def implementation(op: str, backend: str) -> Callable:
+    return _REGISTRY[op][backend].load()
+
+
+def explain_backends(device=None) -> Dict[str, Optional[str]]:
+    """For each backend: None if it can run on ``device`` here, else the reason it cannot.
+
+    ``device`` defaults to the first CUDA device when there is one, else the CPU.
+    """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {name: environment_reason(name, device, auto=True) for name in PREFERENCE}
+
+
+def available_backends(device=None):
+    """Backends that "auto" may choose on ``device`` (best first)."""
+    return [name for name, reason in explain_backends(device).items() if reason is None]

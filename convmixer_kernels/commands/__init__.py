@@ -1,0 +1,1 @@
+"""Command-line commands: one module per command, each with add_arguments(parser) and run(args)."""

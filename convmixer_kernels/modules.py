@@ -1,0 +1,255 @@
+"""Drop-in fused modules.
+
+Each holds the same child modules, parameters and buffers as the block it
+replaces, so ``state_dict`` keys, ``load_state_dict``, ``.to()``, ``.train()``,
+optimizers and checkpoints behave exactly as with the reference; only
+``forward`` differs. ``backend`` ("auto", "torch", "triton", "cuda") is a plain
+attribute, not state. ``last_backend`` says which backend ran the latest forward.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backends import validate_backend_name
+from .ops.activation import activation_name, make_activation
+from .ops.batchnorm import batchnorm_call
+from .ops.depthwise_block import depthwise_block, same_padding
+from .ops.pointwise_block import pointwise_block
+
+log = logging.getLogger("convmixer_kernels")
+
+
+class Residual(nn.Module):
+    """``fn(x) + x``, as in the official ConvMixer code."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+# ------------------------------------------------------------ structure checks
+# Each returns None when the module fits the fused kernel, else why not.
+
+
+def _activation_problem(act: nn.Module) -> Optional[str]:
+    if activation_name(act) is None:
+        return f"activation {act!r} is not one of nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU()"
+    return None
+
+
+def _batchnorm_problem(bn: nn.Module, channels: int) -> Optional[str]:
+    if type(bn) is not nn.BatchNorm2d:
+        return f"{type(bn).__name__} is not nn.BatchNorm2d"
+    if bn.num_features != channels:
+        return f"BatchNorm2d has {bn.num_features} features but the conv has {channels} output channels"
+    return None
+
+
+def depthwise_problem(fn: nn.Module) -> Optional[str]:
+    """Why ``fn`` is not Sequential(depthwise Conv2d, activation, BatchNorm2d) of a fusable kind."""
+    if not isinstance(fn, nn.Sequential) or len(fn) != 3:
+        return "not an nn.Sequential of three modules (conv, activation, BatchNorm2d)"
+    conv, act, bn = fn
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not nn.Conv2d"
+    c = conv.in_channels
+    if conv.out_channels != c or conv.groups != c:
+        return f"conv is not depthwise (in={c}, out={conv.out_channels}, groups={conv.groups})"
+    if conv.stride != (1, 1):
+        return f"stride {conv.stride} is not supported (only 1)"
+    if conv.dilation != (1, 1):
+        return f"dilation {conv.dilation} is not supported (only 1)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
+    try:
+        same_padding(conv.padding, conv.kernel_size)
+    except ValueError as e:
+        return str(e)
+    return _activation_problem(act) or _batchnorm_problem(bn, c)
+
+
+def pointwise_problem(conv: nn.Module, act: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Why (conv, act, bn) is not a fusable 1x1 Conv2d, activation, BatchNorm2d."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not nn.Conv2d"
+    if conv.kernel_size != (1, 1):
+        return f"kernel {conv.kernel_size} is not 1x1"
+    if conv.stride != (1, 1):
+        return f"stride {conv.stride} is not supported (only 1)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} is not supported (only 1)"
+    if conv.padding not in ("same", "valid", (0, 0)):
+        return f"padding={conv.padding} changes the output size"
+    return _activation_problem(act) or _batchnorm_problem(bn, conv.out_channels)
+
+
+class _FusedBase:
+    """What both fused modules share: the backend attribute and the bookkeeping of the last call."""
+
+    def _init_fused(self, backend: str):
+        self.backend = validate_backend_name(backend)
+        self.last_backend: Optional[str] = None
+        self._warned_problem = False
+
+    def _structure_changed(self, problem: str) -> None:
+        if not self._warned_problem:
+            self._warned_problem = True
+            log.warning("%s no longer fits the fused kernels (%s); running the reference composition",
+                        type(self).__name__, problem)
+        self.last_backend = "torch"
+
+
+def _pointwise_forward(owner: _FusedBase, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
+                       x: torch.Tensor) -> torch.Tensor:
+    """The pointwise block's forward on the owner's backend (shared by the block and the layer)."""
+    problem = pointwise_problem(conv, act, bn)
+    if problem is not None or x.dim() != 4:  # the reference raises exactly as it should for non-4D
+        if problem is not None:
+            owner._structure_changed(problem)
+        return bn(act(conv(x)))
+    z, owner.last_backend = pointwise_block(x, conv.weight, conv.bias, batchnorm_call(bn),
+                                            activation=activation_name(act), backend=owner.backend)
+    return z
+
+
+class FusedDepthwiseBlock(nn.Module, _FusedBase):
+    """Drop-in for ``Residual(nn.Sequential(nn.Conv2d(dim, dim, k, groups=dim, padding="same"), nn.GELU(),
+    nn.BatchNorm2d(dim)))``: same children ``fn.0``, ``fn.1``, ``fn.2``; forward fused."""
+
+    def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu", *, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.fn = nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same", **kw),
+                                make_activation(activation), nn.BatchNorm2d(dim, **kw))
+        self._reference_type = Residual
+        self._init_fused(backend)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedDepthwiseBlock":
+        """Wrap a residual block's ``fn``, sharing (not copying) its parameters and buffers."""
+        if isinstance(module, FusedDepthwiseBlock):
+            module.backend = validate_backend_name(backend)
+            return module
+        fn = getattr(module, "fn", None)
+        problem = "module has no child 'fn'" if fn is None else depthwise_problem(fn)
+        if problem is not None:
+            raise ValueError(f"cannot fuse {type(module).__name__}: {problem}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.fn = fn
+        new._reference_type = type(module)
+        new._init_fused(backend)
+        new.train(module.training)
+        return new
+
+    def to_reference(self) -> nn.Module:
+        """The unfused residual block, of the wrapper class this was made from, sharing parameters."""
+        try:
+            ref = self._reference_type(self.fn)
+        except Exception as e:  # a wrapper class with another constructor
+            log.warning("cannot rebuild %s(fn) (%s); using convmixer_kernels.Residual", self._reference_type, e)
+            ref = Residual(self.fn)
+        return ref.train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, act, bn = self.fn
+        problem = depthwise_problem(self.fn)
+        if problem is not None or x.dim() != 4:  # the reference raises exactly as it should for non-4D
+            if problem is not None:
+                self._structure_changed(problem)
+            return self.fn(x) + x
+        y, self.last_backend = depthwise_block(x, conv.weight, conv.bias, batchnorm_call(bn),
+                                               activation=activation_name(act), padding=conv.padding,
+                                               backend=self.backend)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FusedPointwiseBlock(nn.Sequential, _FusedBase):
+    """Drop-in for ``nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))``:
+    same children ``0``, ``1``, ``2``; forward fused."""
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, activation: str = "gelu", *,
+                 backend: str = "auto", device=None, dtype=None):
+        out_dim = dim if out_dim is None else out_dim
+        kw = {"device": device, "dtype": dtype}
+        super().__init__(nn.Conv2d(dim, out_dim, 1, **kw), make_activation(activation),
+                         nn.BatchNorm2d(out_dim, **kw))
+        self._init_fused(backend)
+
+    @classmethod
+    def from_module(cls, module: nn.Sequential, backend: str = "auto") -> "FusedPointwiseBlock":
+        """Wrap an ``nn.Sequential(conv1x1, act, bn)``, sharing (not copying) its children."""
+        if isinstance(module, FusedPointwiseBlock):
+            module.backend = validate_backend_name(backend)
+            return module
+        problem = ("not an nn.Sequential of three modules" if not isinstance(module, nn.Sequential)
+                   or len(module) != 3 else pointwise_problem(*module))
+        if problem is not None:
+            raise ValueError(f"cannot fuse {type(module).__name__}: {problem}")
+        new = cls.__new__(cls)
+        nn.Sequential.__init__(new, *module)
+        new._init_fused(backend)
+        new.train(module.training)
+        return new
+
+    def to_reference(self) -> nn.Sequential:
+        return nn.Sequential(*self).train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pointwise_forward(self, self[0], self[1], self[2], x)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FusedConvMixerLayer(nn.Sequential, _FusedBase):
+    """One ConvMixer layer with the official keys: ``0`` the residual depthwise block (fused when it
+    fits), ``1``, ``2``, ``3`` the 1x1 conv, activation and BatchNorm2d run as one fused block."""
+
+    def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu", *, backend: str = "auto",
+                 device=None, dtype=None):
+        kw = {"device": device, "dtype": dtype}
+        super().__init__(FusedDepthwiseBlock(dim, kernel_size, activation, backend=backend, **kw),
+                         nn.Conv2d(dim, dim, 1, **kw), make_activation(activation), nn.BatchNorm2d(dim, **kw))
+        self._init_fused(backend)
+
+    @classmethod
+    def from_module(cls, module: nn.Sequential, backend: str = "auto") -> "FusedConvMixerLayer":
+        """Wrap an official layer ``Sequential(Residual(...), conv1x1, act, bn)``, sharing its children.
+        The residual block becomes a FusedDepthwiseBlock when it fits, and stays as it is otherwise."""
+        if isinstance(module, FusedConvMixerLayer):
+            module.backend = validate_backend_name(backend)
+            return module
+        problem = ("not an nn.Sequential of four modules" if not isinstance(module, nn.Sequential)
+                   or len(module) != 4 else pointwise_problem(*list(module)[1:]))
+        if problem is not None:
+            raise ValueError(f"cannot fuse {type(module).__name__}: {problem}")
+        first = module[0]
+        if getattr(first, "fn", None) is not None and depthwise_problem(first.fn) is None:
+            first = FusedDepthwiseBlock.from_module(first, backend)
+        new = cls.__new__(cls)
+        nn.Sequential.__init__(new, first, *list(module)[1:])
+        new._init_fused(backend)
+        new.train(module.training)
+        return new
+
+    def to_reference(self) -> nn.Sequential:
+        first = self[0].to_reference() if isinstance(self[0], FusedDepthwiseBlock) else self[0]
+        return nn.Sequential(first, *list(self)[1:]).train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pointwise_forward(self, self[1], self[2], self[3], self[0](x))
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

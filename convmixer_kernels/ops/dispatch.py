@@ -1,0 +1,78 @@
+"""The one path every fused-block call takes: checks, autocast, backend choice, call.
+
+Both blocks share it, so BatchNorm errors, autocast casting and fallback rules
+are the same for each op and each backend.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import backends
+from .batchnorm import BatchNormCall, check_batchnorm_call
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the reference conv runs in: the autocast dtype when autocast is on, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def reference_only_reason(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormCall, cdtype) -> Optional[str]:
+    """Calls no fused backend takes, whatever was requested: the reference raises or handles them.
+
+    Mismatched dtypes or devices make the reference raise its own error; the fused
+    backends would otherwise have to re-create every such message.
+    """
+    autocast = cdtype != x.dtype or torch.is_autocast_enabled(x.device.type)
+    if not autocast and x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the weight dtype {weight.dtype}"
+    for t in (weight, bn.weight, bn.running_mean):
+        if t is not None and t.device != x.device:
+            return f"input is on {x.device} but a parameter or buffer is on {t.device}"
+    return None
+
+
+def run_block(op: str, reference: Callable, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall,
+              backend: str, **kwargs) -> Tuple[torch.Tensor, str]:
+    """Run one fused block; return (output, name of the backend that ran it).
+
+    ``reference`` and every registered implementation share one signature:
+    ``fn(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+    use_batch_stats, momentum, eps, **kwargs)``. The reference runs with autocast as
+    the caller set it (so it *is* the unfused model); a fused backend gets x, weight
+    and bias already cast to the autocast dtype and runs with autocast off, the
+    BatchNorm parameters and buffers staying in their own (float32) dtype.
+    """
+    check_batchnorm_call(x.shape, bn)
+    cdtype = compute_dtype(x)
+    reason = reference_only_reason(x, weight, bn, cdtype)
+    if reason is not None:
+        name = "torch"
+    else:
+        name = backends.choose_backend(op, backend, x.device, x=x, weight=weight, bn=bn,
+                                       compute_dtype=cdtype, **kwargs)
+    args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.use_batch_stats, bn.momentum, bn.eps)
+    if name == "torch":
+        return reference(x, weight, bias, *args, **kwargs), name
+    fn = backends.implementation(op, name)
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight = x.to(cdtype), weight.to(cdtype)
+        bias = None if bias is None else bias.to(cdtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, weight, bias, *args, **kwargs), name
+    return fn(x, weight, bias, *args, **kwargs), name
+
+
+def common_unsupported(x: torch.Tensor, compute_dtype, *, residual: bool,
+                       dtypes=(torch.float32, torch.float16, torch.bfloat16), **_) -> Optional[str]:
+    """Reasons shared by the fused backends of both blocks (each may add its own)."""
+    if compute_dtype not in dtypes:
+        return f"dtype {compute_dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
+    if residual and x.dtype != compute_dtype:
+        return (f"under autocast the input dtype {x.dtype} differs from the autocast dtype {compute_dtype}, "
+                "and the residual add needs the input in its own precision")
+    return None
