@@ -5,9 +5,11 @@ Public API:
               activation="gelu", fused=False, backend="auto")
     FusedDepthwiseBlock, FusedPointwiseBlock, FusedConvMixerLayer  (each with .from_module)
     fuse_convmixer(model, backend="auto"), unfuse_convmixer(model), plan_fusion(model)
+    to_official_layout(state_dict), to_timm_layout(state_dict)
     available_backends(device=None), explain_backends(device=None), BackendUnavailableError
 """
 from ._version import __version__
+from .checkpoints import to_official_layout, to_timm_layout
 from .backends import BackendUnavailableError, available_backends, explain_backends
 from .convert import fuse_convmixer, plan_fusion, unfuse_convmixer
 from .model import ConvMixer
@@ -16,5 +18,5 @@ from .modules import FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlo
 __all__ = [
     "__version__", "ConvMixer", "FusedDepthwiseBlock", "FusedPointwiseBlock", "FusedConvMixerLayer", "Residual",
     "fuse_convmixer", "unfuse_convmixer", "plan_fusion", "available_backends", "explain_backends",
-    "BackendUnavailableError",
+    "BackendUnavailableError", "to_official_layout", "to_timm_layout",
 ]
