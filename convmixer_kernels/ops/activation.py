@@ -1,4 +1,10 @@
-"""Activations a fused block may use: GELU (erf), GELU (tanh) and ReLU."""
+"""Activations a fused block may use: GELU (erf), GELU (tanh) and ReLU.
+
+This file is the module side (names, nn.Modules, the PyTorch reference); the
+Triton device functions every kernel shares (``act_fwd``, ``act_grad``, selected
+by the ``ACT_CODE`` constexpr) are in ``activation_triton.py``, so the torch path
+never imports triton.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+# The constexpr code a Triton kernel takes for each activation.
+ACT_CODE = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
 
 def make_activation(name: str) -> nn.Module:

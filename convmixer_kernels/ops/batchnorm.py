@@ -141,6 +141,14 @@ def affine_from_stats(mean: torch.Tensor, rstd: torch.Tensor, call: BatchNormCal
     return scale, shift
 
 
-# The finalize every fused backend calls. Backends may replace it with a kernel
-# (same signature, same fixed combination order); the reference stays beside it.
-finalize = finalize_reference
+def finalize(partials: torch.Tensor, call: BatchNormCall) -> Tuple[torch.Tensor, ...]:
+    """The finalize every fused backend calls: the Triton kernel where Triton can run on
+    ``partials`` (CUDA, or the interpreter on CPU), else ``finalize_reference``. Same order, same result."""
+    from ..backends import environment_reason
+
+    if environment_reason("triton", partials.device) is None:
+        from .batchnorm_triton import finalize_triton
+
+        with torch.no_grad():
+            return finalize_triton(partials, call)
+    return finalize_reference(partials, call)

@@ -1,0 +1,43 @@
+"""Triton device functions for the activations, shared by every fused kernel.
+
+``ACT`` is the constexpr code from ``activation.ACT_CODE``: 0 GELU (erf), 1 GELU
+(tanh), 2 ReLU. All math is float32. NaN propagates exactly as in PyTorch:
+relu(NaN) = NaN (so ``where(x < 0, 0, x)``, not ``where(x > 0, x, 0)``), and
+relu'(NaN) = 0 as in threshold_backward.
+"""
+import triton
+import triton.language as tl
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_TANH_COEF = 0.044715
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): saturates correctly at +-inf and needs no libdevice
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def act_fwd(a, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * a * (1.0 + tl.math.erf(a * _SQRT1_2))
+    elif ACT == 1:
+        return 0.5 * a * (1.0 + _tanh(_SQRT_2_OVER_PI * (a + _TANH_COEF * a * a * a)))
+    else:
+        return tl.where(a < 0.0, 0.0, a)
+
+
+@triton.jit
+def act_grad(a, ACT: tl.constexpr):
+    """d act(a) / da."""
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(a * _SQRT1_2))
+        return cdf + a * _INV_SQRT_2PI * tl.exp(-0.5 * a * a)
+    elif ACT == 1:
+        t = _tanh(_SQRT_2_OVER_PI * (a + _TANH_COEF * a * a * a))
+        return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEF * a * a)
+    else:
+        return tl.where(a > 0.0, 1.0, 0.0)
