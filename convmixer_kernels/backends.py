@@ -37,9 +37,6 @@ PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, best first
 ENV_BACKEND = "CONVMIXER_KERNELS_BACKEND"
 ENV_STRICT = "CONVMIXER_KERNELS_STRICT"
 
-CUDA_BUILD_COMMAND = "CONVMIXER_KERNELS_FORCE_BUILD=1 pip install --no-build-isolation -e ."
-
-
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and how to fix it."""
 
@@ -179,14 +176,13 @@ def choose_backend(op: str, requested: str, device, **config) -> str:
                 return name
             log.debug("%s: auto skipped backend %r: %s", op, name, reason)
         raise AssertionError("the torch backend always runs")  # pragma: no cover
+    reason = environment_reason(requested, device)
+    if reason:
+        raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run here: {reason}")
     impl = _REGISTRY.get(op, {}).get(requested)
     if impl is None:
         raise BackendUnavailableError(f"{op}: backend {requested!r} is not implemented for this op; "
                                       f"use backend='auto' or one of {implemented_backends(op)}")
-    reason = environment_reason(requested, device)
-    if reason:
-        fix = f"; fix: {CUDA_BUILD_COMMAND}" if requested == "cuda" and "not built" in reason else ""
-        raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run here: {reason}{fix}")
     reason = impl.unsupported(**config)
     if reason:
         return _fallback(op, requested, reason)
