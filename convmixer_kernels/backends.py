@@ -37,6 +37,12 @@ PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, best first
 ENV_BACKEND = "CONVMIXER_KERNELS_BACKEND"
 ENV_STRICT = "CONVMIXER_KERNELS_STRICT"
 
+def log_event(level: int, msg: str, *args) -> None:
+    """Log, except while torch.compile traces (a logging call would break the graph)."""
+    if not torch.compiler.is_compiling():
+        log.log(level, msg, *args)
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and how to fix it."""
 
@@ -162,7 +168,8 @@ def _fallback(op: str, backend: str, reason: str) -> str:
     key = (op, backend, reason)
     if key not in _warned:
         _warned.add(key)
-        log.warning("%s: backend %r does not support this call (%s); falling back to 'torch'", op, backend, reason)
+        log_event(logging.WARNING, "%s: backend %r does not support this call (%s); falling back to 'torch'",
+                  op, backend, reason)
     return "torch"
 
 
@@ -174,7 +181,7 @@ def choose_backend(op: str, requested: str, device, **config) -> str:
             reason = _call_reason(op, name, device, config, auto=True)
             if reason is None:
                 return name
-            log.debug("%s: auto skipped backend %r: %s", op, name, reason)
+            log_event(logging.DEBUG, "%s: auto skipped backend %r: %s", op, name, reason)
         raise AssertionError("the torch backend always runs")  # pragma: no cover
     reason = environment_reason(requested, device)
     if reason:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends import validate_backend_name
+from .backends import log_event, validate_backend_name
 from .ops.activation import activation_name, make_activation
 from .ops.batchnorm import batchnorm_call
 from .ops.depthwise_block import depthwise_block, same_padding
@@ -101,8 +101,8 @@ class _FusedBase:
     def _structure_changed(self, problem: str) -> None:
         if not self._warned_problem:
             self._warned_problem = True
-            log.warning("%s no longer fits the fused kernels (%s); running the reference composition",
-                        type(self).__name__, problem)
+            log_event(logging.WARNING, "%s no longer fits the fused kernels (%s); running the reference composition",
+                      type(self).__name__, problem)
         self.last_backend = "torch"
 
 

@@ -187,3 +187,16 @@ def test_model_under_autocast(backend):
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
     assert all(b.dtype in (torch.float32, torch.int64) for b in fused.buffers())
+
+
+@pytest.mark.parametrize("backend", model_backends())
+def test_torch_compile_fullgraph(backend):
+    """The fused model traces without graph breaks (aot_eager: no code generation needed on CPU)."""
+    torch.manual_seed(7)
+    model = randomize_(ConvMixer(**SMALL, fused=True, backend=backend)).to(DEVICE)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    x = make_inputs((2, 3, 10, 10), 1)[0]
+    for train in (True, False):
+        model.train(train), ref.train(train)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
