@@ -8,10 +8,11 @@ relu'(NaN) = 0 as in threshold_backward.
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_TANH_COEF = 0.044715
+# tl.constexpr: the compiler refuses plain module-level floats (the interpreter does not notice)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit
