@@ -1,7 +1,8 @@
 """Test set-up: the Triton interpreter on machines without a GPU, poisoned kernel outputs, tf32 off.
 
-TRITON_INTERPRET must be set before triton is first imported, so it happens here,
-before any test module (or the package, which imports triton lazily) loads.
+TRITON_INTERPRET must be set before triton is first imported. The package imports
+triton (the Triton kernels live in the op files), so this runs before any test module
+imports the package.
 """
 import os
 
