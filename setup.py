@@ -61,7 +61,11 @@ setup(
     # torch is not pinned here: pip would replace a CUDA build you already have.
     # On a machine without torch, install it first (README: the two commands).
     install_requires=["torch>=2.4", "numpy", "triton>=3.6; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0; platform_system == 'Linux'"]},
+    extras_require={
+        # triton pinned for the tests: the interpreter of older versions cannot run loops with runtime bounds
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0; platform_system == 'Linux'"],
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
+    },
     entry_points={"console_scripts": ["convmixer-kernels=convmixer_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

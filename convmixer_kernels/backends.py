@@ -25,8 +25,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -120,28 +121,36 @@ def environment_reason(backend: str, device: torch.device, *, auto: bool = False
 class OpImplementation:
     """Where a backend's implementation of an op lives, and what it supports.
 
-    ``target`` is "module:function", imported on first use. ``unsupported`` maps a
+    ``target`` is the function, or "module:function" to import on first use (for an
+    implementation whose module should not load until it runs). ``unsupported`` maps a
     call's configuration to a reason string, or None when the call is supported.
     """
 
-    target: str
+    target: Union[str, Callable]
     unsupported: Callable[..., Optional[str]] = lambda **config: None
-    _fn: Optional[Callable] = None
 
     def load(self) -> Callable:
-        if self._fn is None:
+        if isinstance(self.target, str):  # resolved once, outside any torch.compile trace in practice
             module_name, fn_name = self.target.split(":")
-            self._fn = getattr(importlib.import_module(module_name), fn_name)
-        return self._fn
+            self.target = getattr(importlib.import_module(module_name), fn_name)
+        return self.target
 
 
 _REGISTRY: Dict[str, Dict[str, OpImplementation]] = {}
 
 
-def register_op(op: str, backend: str, target: str, unsupported: Optional[Callable[..., Optional[str]]] = None):
+def register_op(op: str, backend: str, target: Union[str, Callable],
+                unsupported: Optional[Callable[..., Optional[str]]] = None):
+    """Register ``backend``'s implementation of ``op``. A "module:function" string naming a module
+    that is already (being) imported - the usual case, an op file registering its own
+    functions at its bottom - is resolved now, so torch.compile never traces an import."""
     validate_backend_name(backend)
-    impl = OpImplementation(target, unsupported or (lambda **config: None))
-    _REGISTRY.setdefault(op, {})[backend] = impl
+    if isinstance(target, str):
+        module_name, fn_name = target.split(":")
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, fn_name):
+            target = getattr(module, fn_name)
+    _REGISTRY.setdefault(op, {})[backend] = OpImplementation(target, unsupported or (lambda **config: None))
 
 
 def implemented_backends(op: str):

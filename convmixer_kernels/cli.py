@@ -14,6 +14,9 @@ import sys
 COMMANDS = {
     "info": "versions, devices, and which backends can run (and why the others cannot)",
     "check": "a short fused-vs-reference check (outputs, gradients, BatchNorm buffers) on this machine",
+    "train": "train a ConvMixer on the shipped handwritten digits (or synthetic data), fused or not; --compare",
+    "profile": "large-kernel depthwise sweep (k = 3..31, shapes, dtypes, layouts) for every provider (CUDA)",
+    "bench": "run the benchmark suite, pytest bench/ (CUDA), with pass-through pytest arguments",
 }
 
 

@@ -59,12 +59,14 @@ def run_block(op: str, reference: Callable, x: torch.Tensor, weight: torch.Tenso
     if name == "torch":
         return reference(x, weight, bias, *args, **kwargs), name
     fn = backends.implementation(op, name)
-    if torch.is_autocast_enabled(x.device.type):
-        x, weight = x.to(cdtype), weight.to(cdtype)
-        bias = None if bias is None else bias.to(cdtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return fn(x, weight, bias, *args, **kwargs), name
-    return fn(x, weight, bias, *args, **kwargs), name
+    # a named range, so profiler traces show which fused op is which
+    with torch.profiler.record_function(f"convmixer_kernels::{op}[{name}]"):
+        if torch.is_autocast_enabled(x.device.type):
+            x, weight = x.to(cdtype), weight.to(cdtype)
+            bias = None if bias is None else bias.to(cdtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return fn(x, weight, bias, *args, **kwargs), name
+        return fn(x, weight, bias, *args, **kwargs), name
 
 
 def common_unsupported(x: torch.Tensor, compute_dtype, *, residual: bool,

@@ -1,0 +1,281 @@
+"""Summarize benchmark results: markdown tables, a plot, and the README's performance section.
+
+    python bench/summarize.py                         # the newest bench/results/bench-*.json
+    python bench/summarize.py FILE.json [...] --out bench/results/summary.md --plot bench/results/summary.png
+    python bench/summarize.py --readme README.md      # rewrite only between <!-- perf:start --> and <!-- perf:end -->
+
+Speedups are against the best *peer* (eager NCHW, eager channels_last, torch.compile default
+and max-autotune) timed in the same run. The targets are those of design.md section 7.
+matplotlib is optional (the plot is skipped with a message when it is missing). A file
+whose metadata says ``"fixture": true`` is test data, not a measurement: it is labelled as
+such and never written into the README.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = ("eager", "eager-cl", "compile", "compile-max-autotune")
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+WORKLOAD_NAMES = {"dwconv": "depthwise conv alone", "dw_block": "depthwise block (training mode)",
+                  "pw_block": "pointwise block (training mode)", "model": "ConvMixer"}
+# design.md section 7: (workload, mode, config, what, threshold)
+TARGETS = [
+    ("dwconv", "fwd", "1536/20-k9-p7", "speedup", 2.0),
+    ("dwconv", "fwd", "1536/20-k9-p7", "roofline", 70.0),
+    ("dw_block", "fwd+bwd", "1536/20-k9-p7", "speedup", 3.0),
+    ("pw_block", "fwd+bwd", "1536/20-k9-p7", "speedup", 1.3),
+    ("model", "train", "1536/20-k9-p7", "speedup", 3.0),
+    ("model", "train", "1536/20-k9-p7", "images", 1000.0),
+    ("model", "train", "1536/20-k9-p7", "roofline", 50.0),
+    ("model", "infer", "1536/20-k9-p7", "speedup", 2.5),
+    ("model", "infer", "1536/20-k9-p7", "images", 3000.0),
+    ("model", "train", "1536/20-k9-p7", "memory", 0.6),
+]
+
+
+def load(paths: List[str]) -> Tuple[List[dict], List[dict]]:
+    """(rows, metas): every result row, tagged with its file, and each file's metadata."""
+    rows, metas = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not str(data.get("schema", "")).startswith("convmixer-kernels-bench/"):
+            raise ValueError(f"{path}: not a convmixer-kernels bench results file (schema {data.get('schema')!r})")
+        meta = dict(data["meta"], file=os.path.relpath(path))
+        metas.append(meta)
+        for r in data["results"]:
+            rows.append(dict(r, _file=meta["file"], _gpu=meta.get("gpu")))
+    return rows, metas
+
+
+def default_files() -> List[str]:
+    files = sorted(glob.glob(os.path.join(HERE, "results", "bench-*.json")), key=os.path.getmtime)
+    return files[-1:]
+
+
+def _key(r: dict) -> tuple:
+    return (r["_file"], r["workload"], r["mode"], r.get("config", ""), r["shape"], r["dtype"])
+
+
+def best_peers(rows: List[dict]) -> Dict[tuple, dict]:
+    best: Dict[tuple, dict] = {}
+    for r in rows:
+        if r["provider"] in PEERS and (_key(r) not in best or r["median_ms"] < best[_key(r)]["median_ms"]):
+            best[_key(r)] = r
+    return best
+
+
+def _order(provider: str) -> tuple:
+    return (PEERS.index(provider), provider) if provider in PEERS else (len(PEERS), provider)
+
+
+def _groups(rows: List[dict]) -> List[tuple]:
+    return sorted({_key(r) for r in rows}, key=lambda k: (list(WORKLOAD_NAMES).index(k[1]) if k[1] in WORKLOAD_NAMES
+                                                            else 99, k[3], k[2], k[4]))
+
+
+def detail_tables(rows: List[dict]) -> str:
+    best = best_peers(rows)
+    out = []
+    for kind in WORKLOAD_NAMES:
+        sel = [r for r in rows if r["workload"] == kind]
+        if not sel:
+            continue
+        out += [f"#### {WORKLOAD_NAMES[kind]}", "",
+                "| config | mode | shape | provider | median ms | img/s | GB/s | TFLOP/s | % roofline | peak MiB "
+                "| vs best peer |",
+                "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for key in _groups(sel):
+            b = best.get(key)
+            for r in sorted((r for r in sel if _key(r) == key), key=lambda r: _order(r["provider"])):
+                speed = f"{b['median_ms'] / r['median_ms']:.2f}x" if b else "-"
+                out.append(f"| {r.get('config', '')} | {r['mode']} | {r['shape']} | {r['provider']} | "
+                           f"{r['median_ms']:.3f} | {r['images_per_s']:,.0f} | {r['gbps']:,.0f} | {r['tflops']:.1f} | "
+                           f"{r['roofline_pct']:.0f}% | {r['peak_mem_mb']:,.0f} | {speed} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def pivot_table(rows: List[dict]) -> str:
+    """One row per workload point, one column per provider: median ms (speedup over the best peer)."""
+    best = best_peers(rows)
+    providers = sorted({r["provider"] for r in rows}, key=_order)
+    out = ["| workload | config | mode | " + " | ".join(providers) + " |",
+           "| --- | --- | --- | " + " | ".join("---:" for _ in providers) + " |"]
+    for key in _groups(rows):
+        cells = []
+        for p in providers:
+            r = next((r for r in rows if _key(r) == key and r["provider"] == p), None)
+            b = best.get(key)
+            cells.append("-" if r is None else f"{r['median_ms']:.2f} ms"
+                         + (f" ({b['median_ms'] / r['median_ms']:.2f}x)" if b else ""))
+        out.append(f"| {WORKLOAD_NAMES.get(key[1], key[1])} | {key[3]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def targets_table(rows: List[dict]) -> str:
+    """The design.md section 7 targets: the best fused provider's value, and whether it is met."""
+    best = best_peers(rows)
+    out = ["| target (design.md §7) | best fused provider | value | met? |", "| --- | --- | ---: | --- |"]
+    for workload, mode, config, what, threshold in TARGETS:
+        sel = [r for r in rows if (r["workload"], r["mode"], r.get("config")) == (workload, mode, config)]
+        fused = [r for r in sel if r["provider"] not in PEERS]
+        label = f"{WORKLOAD_NAMES[workload]} {mode}, {config}: " + {
+            "speedup": f"≥ {threshold:g}x the best peer", "roofline": f"≥ {threshold:g}% of roofline",
+            "images": f"≥ {threshold:,.0f} img/s", "memory": f"peak memory ≤ {threshold:g}x eager"}[what]
+        if not fused:
+            out.append(f"| {label} | - | not measured | - |")
+            continue
+        top = min(fused, key=lambda r: r["median_ms"])
+        if what == "speedup":
+            b = best.get(_key(top))
+            value = b["median_ms"] / top["median_ms"] if b else None
+            text = f"{value:.2f}x" if value else "no peer"
+            met = value is not None and value >= threshold
+        elif what == "roofline":
+            value, met = top["roofline_pct"], top["roofline_pct"] >= threshold
+            text = f"{value:.0f}%"
+        elif what == "images":
+            value, met = top["images_per_s"], top["images_per_s"] >= threshold
+            text = f"{value:,.0f} img/s"
+        else:
+            eager = next((r for r in sel if r["provider"] == "eager"), None)
+            value = top["peak_mem_mb"] / eager["peak_mem_mb"] if eager and eager["peak_mem_mb"] > 0 else None
+            text = f"{value:.2f}x" if value is not None else "no eager run"
+            met = value is not None and value <= threshold
+        out.append(f"| {label} | {top['provider']} | {text} | {'yes' if met else 'no'} |")
+    return "\n".join(out)
+
+
+def provenance(metas: List[dict]) -> str:
+    lines = []
+    for m in metas:
+        label = "FABRICATED TEST FIXTURE, not a measurement: " if m.get("fixture") else ""
+        lines.append(f"- {label}{m.get('gpu')} ({m.get('gpu_detail', '')}), torch {m.get('torch')}, "
+                     f"triton {m.get('triton')}, CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}; commit "
+                     f"`{str(m.get('commit'))[:10]}`{' (dirty tree)' if m.get('dirty') else ''}, {m.get('date')}; "
+                     f"file `{m['file']}`")
+    return "\n".join(lines)
+
+
+def markdown(rows: List[dict], metas: List[dict], plot_path: Optional[str] = None, detail: bool = True) -> str:
+    parts = ["Timed on the GPU with CUDA events (median), bf16 autocast, batch as shown; every provider passed "
+             "the precision rule (design.md §6) against float64 before it was timed. Speedups are over the best "
+             "peer (eager NCHW, eager channels_last, torch.compile default / max-autotune) in the same run.", "",
+             provenance(metas), "", "**Targets**", "", targets_table(rows), "", "**All workloads** (median ms, "
+             "speedup over the best peer)", "", pivot_table(rows), ""]
+    if plot_path:
+        parts += [f"![speedup over the best peer]({plot_path})", ""]
+    if detail:
+        parts += ["**Details**", "", detail_tables(rows)]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def plot(rows: List[dict], path: str) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    best = best_peers(rows)
+    kinds = [k for k in WORKLOAD_NAMES if any(r["workload"] == k for r in rows)]
+    colors = {p: f"C{i % 10}" for i, p in enumerate(sorted({r["provider"] for r in rows}, key=_order))}
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(12, 3.6 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        sel = [r for r in rows if r["workload"] == kind]
+        groups = _groups(sel)
+        providers = sorted({r["provider"] for r in sel}, key=_order)
+        width = 0.8 / max(len(providers), 1)
+        for j, p in enumerate(providers):
+            ys = []
+            for key in groups:
+                r = next((r for r in sel if _key(r) == key and r["provider"] == p), None)
+                b = best.get(key)
+                ys.append(b["median_ms"] / r["median_ms"] if r and b else 0.0)
+            ax.bar([i + j * width for i in range(len(groups))], ys, width, label=p, color=colors[p])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{k[3]}\n{k[2]}" for k in groups], fontsize=8)
+        ax.set_ylabel("x best peer")
+        ax.set_title(WORKLOAD_NAMES[kind])
+        ax.legend(fontsize=7, ncol=min(len(providers), 4))
+    gpus = sorted({str(r.get("_gpu")) for r in rows})
+    fig.suptitle(f"speedup over the best peer ({', '.join(gpus)})")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def rewrite_readme(readme: str, section: str) -> None:
+    with open(readme) as f:
+        text = f.read()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        raise SystemExit(f"{readme}: needs the markers {START} and {END} (in that order) around the performance "
+                         "section; nothing was changed")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(readme, "w") as f:
+        f.write(head + START + "\n" + section.rstrip() + "\n" + END + tail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", help="results JSON files (default: the newest bench/results/bench-*.json)")
+    ap.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+    ap.add_argument("--plot", default=None, help="write the plot here (PNG)")
+    ap.add_argument("--readme", default=None, help="rewrite the README's section between the perf markers")
+    args = ap.parse_args(argv)
+    files = args.files or default_files()
+    if not files:
+        msg = ("No GPU measurements recorded yet: bench/results/ holds no bench-*.json. Run `pytest bench/` on a "
+               "CUDA GPU (scripts/gpu_session.sh bench) and then this script.")
+        print(msg, file=sys.stderr)
+        if args.readme:
+            rewrite_readme(args.readme, f"_{msg}_")
+            print(f"{args.readme}: performance section says so")
+        return 1
+    rows, metas = load(files)
+    if not rows:
+        print(f"no results in {', '.join(files)}", file=sys.stderr)
+        return 1
+    fixture = any(m.get("fixture") for m in metas)
+    if fixture:
+        print("WARNING: a FABRICATED TEST FIXTURE is among the inputs; these are not measurements", file=sys.stderr)
+    if args.plot:
+        print(plot(rows, args.plot), file=sys.stderr)
+
+    def plot_ref(doc: Optional[str]) -> Optional[str]:
+        """The plot's path as a link from ``doc`` (None: no plot)."""
+        if not args.plot or not os.path.exists(args.plot):
+            return None
+        return os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(doc or "x")))
+
+    text = markdown(rows, metas, plot_ref(args.out))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"summary: {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    if args.readme:
+        if fixture:
+            print("refusing to put a test fixture into the README", file=sys.stderr)
+            return 1
+        rewrite_readme(args.readme, markdown(rows, metas, plot_ref(args.readme), detail=False))
+        print(f"{args.readme}: performance section rewritten from {', '.join(m['file'] for m in metas)}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
