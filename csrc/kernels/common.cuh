@@ -1,0 +1,171 @@
+// Device-side helpers shared by the depthwise-block kernels: dtype conversion, 16-byte vector
+// loads, activations, the Chan combination of (count, mean, M2), and the few spots where the
+// CPU emulator (csrc/emulate/emulate.h, tests only) replaces CUDA.
+#pragma once
+
+#include <cstdint>
+
+#ifdef CMK_EMULATE
+#include "../emulate/emulate.h"
+#else
+#include <cuda_runtime.h>
+#endif
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "params.h"
+#include "plan.h"
+
+namespace cmk {
+
+// ------------------------------------------------------------------ CUDA vs emulator
+
+// `kernel` must be a plain name (a variable holding the kernel's address): template argument
+// lists would split the macro's arguments.
+#ifdef CMK_EMULATE
+#define CMK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::cmk_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#define CMK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#endif
+
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef CMK_EMULATE
+  return reinterpret_cast<T*>(::cmk_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char cmk_dynamic_smem[];
+  return reinterpret_cast<T*>(cmk_dynamic_smem);
+#endif
+}
+
+// Opt a kernel into more than 48 KB of dynamic shared memory; nullptr or the CUDA error text.
+template <class Kernel>
+inline const char* allow_smem(Kernel kernel, int64_t bytes) {
+#ifdef CMK_EMULATE
+  (void)kernel;
+  (void)bytes;
+  return nullptr;
+#else
+  if (bytes <= 48 * 1024) return nullptr;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+#endif
+}
+
+// The error of the latest launch, if any.
+inline const char* launch_error() {
+#ifdef CMK_EMULATE
+  return nullptr;
+#else
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+#endif
+}
+
+// ------------------------------------------------------------------ dtypes
+
+template <typename T> struct Num;
+template <> struct Num<float> {
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float v) { return v; }
+};
+template <> struct Num<__half> {
+  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
+};
+template <> struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return Num<T>::load(v); }
+template <typename T>
+__device__ __forceinline__ T from_float(float v) { return Num<T>::store(v); }
+// The value a float takes once stored in T and read back.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// 16 bytes of T: one vector load (the caller guarantees 16-byte alignment).
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec16<T>::N]) {
+  const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(ptr);
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::N; ++k) out[k] = to_float(v.v[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::N]) {
+  Vec16<T> v;
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::N; ++k) v.v[k] = from_float<T>(in[k]);
+  *reinterpret_cast<Vec16<T>*>(ptr) = v;
+}
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// Element offset of (n, c, h, w); 64-bit, tensors may exceed 2^31 elements.
+__device__ __forceinline__ int64_t offset(const Strided4& t, int n, int c, int h, int w) {
+  return n * t.sn + c * t.sc + h * t.sh + w * t.sw;
+}
+
+// ------------------------------------------------------------------ activations
+
+constexpr float kRsqrt2 = 0.70710678118654752440f;
+constexpr float kRsqrt2Pi = 0.39894228040143267794f;
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;
+constexpr float kTanhCoef = 0.044715f;
+
+__device__ __forceinline__ float act_forward(Act act, float a) {
+  switch (act) {
+    case Act::Relu:
+      return a < 0.f ? 0.f : a;  // NaN propagates, as in torch.relu
+    case Act::GeluTanh:
+      return 0.5f * a * (1.f + tanhf(kSqrt2OverPi * (a + kTanhCoef * a * a * a)));
+    default:
+      return 0.5f * a * (1.f + erff(a * kRsqrt2));
+  }
+}
+
+// d act(a) / da, as torch's backward formulas compute it.
+__device__ __forceinline__ float act_backward(Act act, float a) {
+  switch (act) {
+    case Act::Relu:
+      return a > 0.f ? 1.f : 0.f;
+    case Act::GeluTanh: {
+      const float t = tanhf(kSqrt2OverPi * (a + kTanhCoef * a * a * a));
+      const float du = kSqrt2OverPi * (1.f + 3.f * kTanhCoef * a * a);
+      return 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * du;
+    }
+    default:
+      return 0.5f * (1.f + erff(a * kRsqrt2)) + a * kRsqrt2Pi * expf(-0.5f * a * a);
+  }
+}
+
+// ------------------------------------------------------------------ statistics
+
+struct Welford {
+  float n, mean, m2;
+};
+
+// Chan's combination, written as ops/batchnorm.py:finalize_reference writes it.
+__device__ __forceinline__ Welford chan_combine(Welford a, Welford b) {
+  const float n = a.n + b.n;
+  const float safe_n = n > 0.f ? n : 1.f;
+  const float delta = b.mean - a.mean;
+  Welford r;
+  r.n = n;
+  r.mean = a.mean + delta * b.n / safe_n;
+  r.m2 = a.m2 + b.m2 + delta * delta * a.n * b.n / safe_n;
+  return r;
+}
+
+}  // namespace cmk

@@ -1,0 +1,202 @@
+// The depthwise block's small kernels and the dtype dispatch of every launcher (launch.h).
+//
+//   apply:        y = act(a) * scale + shift + x                     (training forward, step 3)
+//   grad_reduce:  per position chunk, sum dy and sum dy * (act(a) - mean)   (backward, first pass)
+//   combine:      BatchNorm partials [3, T, C] -> [3, C], tiles in index order (Chan)
+// The first two are elementwise over (position, channel): a block is a channel group times a
+// chunk of kPositionsPerBlock positions; channels_last reads VEC channels per thread with
+// 16-byte loads, NCHW reads one channel per warp with lanes along W.
+#include "common.cuh"
+#include "depthwise_instances.h"
+#include "launch.h"
+
+namespace cmk {
+
+// ------------------------------------------------------------------ elementwise kernels
+
+struct ElemWork {
+  int slot, lane;
+  int c0;        // first channel of the block
+  int c;         // first channel of this thread (it has plan.vec of them)
+  int64_t chunk; // position chunk = index of the reduction partial
+  int pos_begin, pos_end;
+};
+
+__device__ __forceinline__ ElemWork elem_work(const DepthwiseParams& p, const ElementwisePlan& plan) {
+  ElemWork wk;
+  const int tid = threadIdx.x;
+  wk.slot = p.channels_last ? tid % plan.slots : tid / plan.lanes;
+  wk.lane = p.channels_last ? tid / plan.slots : tid % plan.lanes;
+  wk.chunk = static_cast<int64_t>(blockIdx.x) % plan.tiles;
+  wk.c0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) / plan.tiles) * plan.channels_per_block;
+  wk.c = wk.c0 + wk.slot * plan.vec;
+  const int positions = p.N * p.H * p.W;  // < 2^30 (checked by the binding): no int overflow below
+  wk.pos_begin = static_cast<int>(wk.chunk) * plan.positions_per_block;
+  wk.pos_end = imin(wk.pos_begin + plan.positions_per_block, positions);
+  return wk;
+}
+
+struct Position {
+  int n, h, w;
+};
+
+__device__ __forceinline__ Position position(const DepthwiseParams& p, int pos) {
+  const int hw_size = p.H * p.W;
+  const int n = pos / hw_size, hw = pos - n * hw_size;
+  const int h = hw / p.W;
+  return {n, h, hw - h * p.W};
+}
+
+// V channels per thread: V > 1 only on the channels_last path with vec_ok (then C % V == 0).
+template <typename T, int V>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    depthwise_apply_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ElementwisePlan plan) {
+  const ElemWork wk = elem_work(p, plan);
+  if (wk.c >= p.C) return;  // no barrier in this kernel
+  const T* a = static_cast<const T*>(p.a.data);
+  const T* x = static_cast<const T*>(p.x.data);
+  T* y = static_cast<T*>(p.y.data);
+  float s[V], t[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    s[k] = p.scale[wk.c + k];
+    t[k] = p.shift[wk.c + k];
+  }
+  for (int pos = wk.pos_begin + wk.lane; pos < wk.pos_end; pos += plan.lanes) {
+    const Position q = position(p, pos);
+    if constexpr (V > 1) {
+      float av[V], xv[V], yv[V];
+      load_vec(a + offset(p.a, q.n, wk.c, q.h, q.w), av);
+      load_vec(x + offset(p.x, q.n, wk.c, q.h, q.w), xv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) yv[k] = act_forward(p.act, av[k]) * s[k] + t[k] + xv[k];
+      store_vec(y + offset(p.y, q.n, wk.c, q.h, q.w), yv);
+    } else {
+      const float av = to_float(a[offset(p.a, q.n, wk.c, q.h, q.w)]);
+      const float xv = to_float(x[offset(p.x, q.n, wk.c, q.h, q.w)]);
+      y[offset(p.y, q.n, wk.c, q.h, q.w)] = from_float<T>(act_forward(p.act, av) * s[0] + t[0] + xv);
+    }
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    depthwise_grad_reduce_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ElementwisePlan plan) {
+  const ElemWork wk = elem_work(p, plan);
+  float s1[V], s2[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) s1[k] = s2[k] = 0.f;
+  if (wk.c < p.C) {
+    const T* dy = static_cast<const T*>(p.dy.data);
+    const T* a = static_cast<const T*>(p.a.data);
+    float mean[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) mean[k] = p.mean[wk.c + k];
+    for (int pos = wk.pos_begin + wk.lane; pos < wk.pos_end; pos += plan.lanes) {
+      const Position q = position(p, pos);
+      float dv[V], av[V];
+      if constexpr (V > 1) {
+        load_vec(dy + offset(p.dy, q.n, wk.c, q.h, q.w), dv);
+        load_vec(a + offset(p.a, q.n, wk.c, q.h, q.w), av);
+      } else {
+        dv[0] = to_float(dy[offset(p.dy, q.n, wk.c, q.h, q.w)]);
+        av[0] = to_float(a[offset(p.a, q.n, wk.c, q.h, q.w)]);
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        s1[k] += dv[k];
+        s2[k] += dv[k] * (act_forward(p.act, av[k]) - mean[k]);
+      }
+    }
+  }
+  // Sum the lanes of each channel in lane order (deterministic).
+  float* red = dynamic_smem<float>();  // [lanes][channels_per_block][2]
+  const int cpb = plan.channels_per_block;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    float* r = red + (wk.lane * cpb + wk.slot * V + k) * 2;
+    r[0] = s1[k];
+    r[1] = s2[k];
+  }
+  __syncthreads();
+  for (int ch = threadIdx.x; ch < cpb; ch += kElementwiseThreads) {
+    float t1 = 0.f, t2 = 0.f;
+    for (int l = 0; l < plan.lanes; ++l) {
+      t1 += red[(l * cpb + ch) * 2];
+      t2 += red[(l * cpb + ch) * 2 + 1];
+    }
+    const int c = wk.c0 + ch;
+    if (c < p.C) {
+      p.stats[wk.chunk * p.C + c] = t1;
+      p.stats[(plan.tiles + wk.chunk) * p.C + c] = t2;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(256)
+    batchnorm_combine_kernel(const float* __restrict__ partials, float* __restrict__ out, int64_t tiles, int C) {
+  const int c = static_cast<int>(blockIdx.x) * 256 + static_cast<int>(threadIdx.x);
+  if (c >= C) return;
+  const int64_t plane = tiles * C;
+  Welford acc{partials[c], partials[plane + c], partials[2 * plane + c]};
+  for (int64_t t = 1; t < tiles; ++t) {
+    const int64_t at = t * C + c;
+    acc = chan_combine(acc, Welford{partials[at], partials[plane + at], partials[2 * plane + at]});
+  }
+  out[c] = acc.n;
+  out[C + c] = acc.mean;
+  out[2 * C + c] = acc.m2;
+}
+
+// ------------------------------------------------------------------ launchers
+
+template <class Fn>
+const char* dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32: return fn(float{});
+    case DType::F16: return fn(__half{});
+    case DType::BF16: return fn(__nv_bfloat16{});
+  }
+  return "unknown dtype code";
+}
+
+template <typename T>
+const char* apply_t(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
+  void (*kernel)(DepthwiseParams, ElementwisePlan) =
+      plan.vec == 1 ? depthwise_apply_kernel<T, 1> : depthwise_apply_kernel<T, Vec16<T>::N>;
+  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kElementwiseThreads), 0, stream, p, plan);
+  return launch_error();
+}
+
+template <typename T>
+const char* grad_reduce_t(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
+  void (*kernel)(DepthwiseParams, ElementwisePlan) =
+      plan.vec == 1 ? depthwise_grad_reduce_kernel<T, 1> : depthwise_grad_reduce_kernel<T, Vec16<T>::N>;
+  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kElementwiseThreads), plan.smem_bytes, stream, p,
+             plan);
+  return launch_error();
+}
+
+const char* depthwise_forward(const DepthwiseParams& p, const ConvPlan& plan, bool training, void* stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) { return depthwise_forward_t<decltype(tag)>(p, plan, training, stream); });
+}
+
+const char* depthwise_backward(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) { return depthwise_backward_t<decltype(tag)>(p, plan, stream); });
+}
+
+const char* depthwise_apply(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) { return apply_t<decltype(tag)>(p, plan, stream); });
+}
+
+const char* depthwise_grad_reduce(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) { return grad_reduce_t<decltype(tag)>(p, plan, stream); });
+}
+
+const char* batchnorm_combine(const float* partials, float* out, int64_t tiles, int C, void* stream) {
+  void (*kernel)(const float*, float*, int64_t, int) = batchnorm_combine_kernel;
+  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>((C + 255) / 256)), dim3(256), 0, stream, partials, out, tiles, C);
+  return launch_error();
+}
+
+}  // namespace cmk

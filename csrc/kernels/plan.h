@@ -1,0 +1,210 @@
+// Tiling of the depthwise-block kernels: tile shapes, shared-memory carve-up, grid sizes.
+//
+// Host-only plain C++ (no CUDA, no torch headers). The binding asks for a plan to size the
+// float32 side outputs it allocates (statistics partials, dW/dB partials); the launchers pass
+// the same plan to the kernels, so the shared-memory layout is computed in exactly one place.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "params.h"
+
+namespace cmk {
+
+// ------------------------------------------------------------------ tile shapes
+//
+// A conv kernel's block computes an output tile of TH x TW positions for CB channels.
+// Each thread owns one channel and a strip of RW outputs along W of one row, which it
+// computes from a sliding window of the shared-memory input tile (register blocking).
+//   channels_last: lanes = channels (conflict-free shared memory, coalesced global access along C)
+//   NCHW:          lanes = strips of one channel plane (the row stride is padded to 1 mod RW,
+//                  which makes the 32 lanes' windows fall into 32 different banks)
+template <bool CL, int CB_, int TH_, int TW_, int RW_>
+struct Tile {
+  static constexpr bool kChannelsLast = CL;
+  static constexpr int CB = CB_;  // channels per block
+  static constexpr int TH = TH_;  // output rows per tile
+  static constexpr int TW = TW_;  // output columns per tile
+  static constexpr int RW = RW_;  // outputs per thread along W
+  static constexpr int S = TW / RW;          // strips per row
+  static constexpr int STRIPS = TH * S;      // threads per channel
+  static constexpr int THREADS = CB * STRIPS;
+  static_assert(TW % RW == 0, "a row of the tile is a whole number of strips");
+  static_assert((TH & (TH - 1)) == 0, "row groups of the dW reduction divide TH");
+};
+
+// The backward tiles are smaller: they hold two halo tiles (x and da) instead of one.
+using ClForwardTile = Tile<true, 32, 8, 16, 16>;     // 256 threads
+using ClBackwardTile = Tile<true, 32, 8, 8, 8>;      // 256 threads
+using NchwForwardTile = Tile<false, 2, 32, 32, 16>;  // 128 threads
+using NchwBackwardTile = Tile<false, 2, 16, 32, 8>;  // 128 threads
+static_assert(ClForwardTile::THREADS == 256 && ClBackwardTile::THREADS == 256, "");
+static_assert(NchwForwardTile::THREADS == 128 && NchwBackwardTile::THREADS == 128, "");
+
+constexpr int64_t kSmemBudget = 99 * 1024;  // per block: two blocks fit an H100 SM (228 KB)
+constexpr int kTapBlock = 8;                // taps per register window on the general (any k) path
+constexpr int kSpecializedK[] = {3, 5, 7, 9};
+
+// Elementwise kernels (apply, gradient reduction): 256 threads as channel slots x position lanes.
+constexpr int kElementwiseThreads = 256;
+constexpr int kPositionsPerBlock = 1024;
+
+// Floats per shared-memory tile row holding `cols` columns.
+inline int smem_row_width(bool channels_last, int cols, int rw) {
+  if (channels_last) return cols;                 // lanes differ in the channel: no padding needed
+  return cols + ((1 - cols) % rw + rw) % rw;      // = 1 (mod rw)
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+struct ConvPlan {
+  const char* error = nullptr;  // set when this configuration cannot run (reason in words)
+  int kernel_k = 0;             // 3, 5, 7, 9: compile-time specialization; 0: general path
+  int threads = 0;
+  int tile_h = 0, tile_w = 0, tiles_h = 0, tiles_w = 0;
+  int64_t tiles = 0;            // N * tiles_h * tiles_w, index = (n * tiles_h + th) * tiles_w + tw
+  int channel_groups = 0;       // ceil(C / CB)
+  int64_t blocks = 0;
+  int row_chunk = 0;            // kernel rows per shared-memory pass (KH when it fits)
+  int rows_alloc = 0;           // TH + row_chunk - 1
+  int smem_width = 0;           // floats per halo-tile row (x, da)
+  int dac_width = 0;            // floats per row of the backward's centre da tile
+  // shared-memory carve-up, in floats
+  int off_da = 0, off_w = 0, off_dac = 0, off_stats = 0;
+  int64_t smem_floats = 0;
+  int64_t smem_bytes = 0;
+  // backward only: blocks loop over `tiles_per_group` consecutive tiles; dW/dB partials are
+  // kept per (group, row group) so that every partial has exactly one writer (deterministic)
+  int groups = 0, tiles_per_group = 0, row_groups = 0;
+};
+
+// The compile-time kernel size to use (3, 5, 7, 9), or 0 for the general path: square kernels
+// of those sizes whose rows all fit one shared-memory pass.
+inline int specialization(const DepthwiseParams& p, int row_chunk) {
+  if (p.KH != p.KW || row_chunk != p.KH) return 0;
+  for (int k : kSpecializedK)
+    if (k == p.KH) return k;
+  return 0;
+}
+
+template <class Tile>
+inline void plan_tiles(const DepthwiseParams& p, ConvPlan& plan) {
+  plan.threads = Tile::THREADS;
+  plan.tile_h = Tile::TH;
+  plan.tile_w = Tile::TW;
+  plan.tiles_h = ceil_div(p.H, Tile::TH);
+  plan.tiles_w = ceil_div(p.W, Tile::TW);
+  plan.tiles = static_cast<int64_t>(p.N) * plan.tiles_h * plan.tiles_w;
+  plan.channel_groups = ceil_div(p.C, Tile::CB);
+  plan.smem_width = smem_row_width(Tile::kChannelsLast, Tile::TW + p.KW - 1, Tile::RW);
+}
+
+// Largest kernel-row chunk whose shared memory fits the budget; 0 when not even one row fits.
+template <class Fn>
+inline int largest_chunk(int KH, Fn floats_for_chunk) {
+  for (int kc = KH; kc >= 1; --kc)
+    if (floats_for_chunk(kc) * 4 <= kSmemBudget) return kc;
+  return 0;
+}
+
+template <class Tile>
+inline ConvPlan plan_forward_tile(const DepthwiseParams& p) {
+  ConvPlan plan;
+  plan_tiles<Tile>(p, plan);
+  const int64_t cb = Tile::CB, sw = plan.smem_width, stats = int64_t(Tile::STRIPS) * cb * 3;
+  auto floats = [&](int kc) { return cb * ((Tile::TH + kc - 1) * sw + int64_t(kc) * p.KW) + stats; };
+  plan.row_chunk = largest_chunk(p.KH, floats);
+  if (plan.row_chunk == 0) {
+    plan.error = "the kernel is too wide for the forward kernel's shared-memory tile";
+    return plan;
+  }
+  plan.rows_alloc = Tile::TH + plan.row_chunk - 1;
+  plan.off_w = static_cast<int>(cb * plan.rows_alloc * sw);
+  plan.off_stats = static_cast<int>(plan.off_w + cb * plan.row_chunk * p.KW);
+  plan.smem_floats = floats(plan.row_chunk);
+  plan.smem_bytes = plan.smem_floats * 4;
+  plan.kernel_k = specialization(p, plan.row_chunk);
+  plan.blocks = plan.tiles * plan.channel_groups;
+  if (plan.blocks > 0x7fffffff) plan.error = "too many tiles for one grid (N*H*W*C is too large)";
+  return plan;
+}
+
+template <class Tile>
+inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms) {
+  ConvPlan plan;
+  plan_tiles<Tile>(p, plan);
+  plan.dac_width = Tile::kChannelsLast ? Tile::TW : Tile::TW + 1;
+  const int64_t cb = Tile::CB, sw = plan.smem_width, dac = int64_t(Tile::TH) * plan.dac_width;
+  auto floats = [&](int kc) { return cb * (2 * (Tile::TH + kc - 1) * sw + int64_t(kc) * p.KW + dac); };
+  plan.row_chunk = largest_chunk(p.KH, floats);
+  if (plan.row_chunk == 0) {
+    plan.error = "the kernel is too wide for the backward kernel's shared-memory tiles";
+    return plan;
+  }
+  plan.rows_alloc = Tile::TH + plan.row_chunk - 1;
+  plan.off_da = static_cast<int>(cb * plan.rows_alloc * sw);
+  plan.off_w = 2 * plan.off_da;
+  plan.off_dac = static_cast<int>(plan.off_w + cb * plan.row_chunk * p.KW);
+  plan.smem_floats = floats(plan.row_chunk);
+  plan.smem_bytes = plan.smem_floats * 4;
+  plan.kernel_k = specialization(p, plan.row_chunk);
+
+  // Enough blocks to fill the GPU a few times over; each loops over its group of tiles.
+  const int64_t target_blocks = 4 * static_cast<int64_t>(std::max(num_sms, 1));
+  int64_t groups = std::min<int64_t>(std::max<int64_t>(1, (target_blocks + plan.channel_groups - 1) / plan.channel_groups),
+                                     std::max<int64_t>(plan.tiles, 1));
+  plan.tiles_per_group = ceil_div(std::max<int64_t>(plan.tiles, 1), groups);
+  plan.groups = ceil_div(std::max<int64_t>(plan.tiles, 1), plan.tiles_per_group);  // no empty group
+  // Row groups: split the dW work of a tile until every thread has about two items.
+  const int jg = plan.kernel_k ? 1 : ceil_div(p.KW, kTapBlock);
+  plan.row_groups = 1;
+  while (plan.row_groups < Tile::TH &&
+         cb * plan.row_groups * jg * plan.row_chunk < 2 * Tile::THREADS)
+    plan.row_groups *= 2;
+  plan.blocks = static_cast<int64_t>(plan.groups) * plan.channel_groups;
+  if (plan.blocks > 0x7fffffff) plan.error = "too many tiles for one grid (N*H*W*C is too large)";
+  return plan;
+}
+
+inline ConvPlan plan_forward(const DepthwiseParams& p) {
+  return p.channels_last ? plan_forward_tile<ClForwardTile>(p) : plan_forward_tile<NchwForwardTile>(p);
+}
+
+inline ConvPlan plan_backward(const DepthwiseParams& p, int num_sms) {
+  return p.channels_last ? plan_backward_tile<ClBackwardTile>(p, num_sms)
+                         : plan_backward_tile<NchwBackwardTile>(p, num_sms);
+}
+
+// ------------------------------------------------------------------ elementwise kernels
+//
+// Block = channel slots x position lanes. channels_last: 32 slots of `vec` channels (16-byte
+// loads) x 8 lanes over positions; NCHW: 8 slots of one channel x 32 lanes along W.
+struct ElementwisePlan {
+  int vec = 1;                // channels per slot
+  int slots = 0, lanes = 0;   // slots * lanes = kElementwiseThreads
+  int channels_per_block = 0;
+  int channel_groups = 0;
+  int positions_per_block = kPositionsPerBlock;
+  int64_t tiles = 0;          // position chunks: the T of the [2, T, C] reduction partials
+  int64_t blocks = 0;
+  int64_t smem_bytes = 0;     // the reduction's [lanes][channels_per_block][2] floats
+};
+
+inline ElementwisePlan plan_elementwise(const DepthwiseParams& p, int vec_elems) {
+  ElementwisePlan plan;
+  plan.vec = p.channels_last && p.vec_ok ? vec_elems : 1;
+  plan.slots = p.channels_last ? 32 : 8;
+  plan.lanes = kElementwiseThreads / plan.slots;
+  plan.channels_per_block = plan.slots * plan.vec;
+  plan.channel_groups = ceil_div(p.C, plan.channels_per_block);
+  const int64_t positions = static_cast<int64_t>(p.N) * p.H * p.W;
+  plan.tiles = (positions + plan.positions_per_block - 1) / plan.positions_per_block;
+  plan.blocks = plan.tiles * plan.channel_groups;
+  plan.smem_bytes = int64_t(plan.lanes) * plan.channels_per_block * 2 * 4;
+  return plan;
+}
+
+inline int vector_elems(DType t) { return t == DType::F32 ? 4 : 8; }  // 16 bytes
+
+}  // namespace cmk
