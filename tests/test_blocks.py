@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from convmixer_kernels import FusedDepthwiseBlock, FusedPointwiseBlock
-from harness import (ACTIVATIONS, DEVICE, DTYPES, LAYOUTS, backends_under_test, check_block, fuser, make_block,
-                     make_inputs)
+from harness import ACTIVATIONS, DEVICE, DTYPES, LAYOUTS, backends_under_test, check_block, fuser, make_block
 
 KINDS = ["depthwise", "pointwise"]
 OP = {"depthwise": "depthwise_block", "pointwise": "pointwise_block"}

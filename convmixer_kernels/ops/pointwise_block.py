@@ -26,7 +26,6 @@ with the fewest dims its strides allow (``_Axis``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -38,6 +37,7 @@ from .. import backends
 from .activation import ACT_CODE, activation_reference
 from .batchnorm import BatchNormCall, eval_stats, finalize
 from .dispatch import common_unsupported, run_block
+from .tuning import autotune_enabled
 
 OP = "pointwise_block"
 
@@ -245,19 +245,6 @@ if HAVE_TRITON:
 
 # ====================================================================== host launchers
 
-ENV_DETERMINISTIC = "CONVMIXER_KERNELS_DETERMINISTIC"
-ENV_AUTOTUNE = "CONVMIXER_KERNELS_AUTOTUNE"  # "0" switches autotuning off (the default config runs)
-
-
-def deterministic_configs() -> bool:
-    """Fixed launch configurations (no autotuning): bitwise reproducible across processes too.
-
-    Within one process every result is reproducible anyway (fixed-order reductions, per-shape
-    cached configurations); autotuning may pick other tiles in another process.
-    """
-    return os.environ.get(ENV_DETERMINISTIC, "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
-
-
 @dataclass(frozen=True)
 class _Axis:
     """How an index along one GEMM axis maps to element offsets: ``DIMS`` strided dims (see ``_offsets``)."""
@@ -352,7 +339,7 @@ def _pick_config(key: tuple, I: int, J: int, default: GemmConfig,
     key on CUDA and cached; fixed under the interpreter, in deterministic mode or with autotuning off."""
     if _interpreting():
         return INTERPRETER_CONFIG
-    if deterministic_configs() or os.environ.get(ENV_AUTOTUNE, "1") in ("", "0"):
+    if not autotune_enabled():
         return default
     if key in _tuned:
         return _tuned[key]
