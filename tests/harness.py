@@ -86,11 +86,12 @@ def make_inputs(shape, steps: int, layout: str = "nchw", seed: int = 1, device=D
 
 def check_block(kind: str, backend: str, *, dim=6, shape=(2, 6, 7, 9), k=5, activation="gelu",
                 dtype=torch.float32, layout="nchw", steps=2, eval_steps=1, autocast=None,
-                expect_backend=None, bn_kwargs=None, prepare=None):
+                expect_backend=None, bn_kwargs=None, prepare=None, autocast_input=None):
     """Train ``steps`` steps then eval ``eval_steps`` on fused / reference / float64 copies; assert the rule.
 
     ``expect_backend`` (default: ``backend``) is what ``last_backend`` must say ran.
     ``prepare(module)`` may change all three copies (e.g. flip flags) before running.
+    Under ``autocast`` the inputs are in the autocast dtype unless ``autocast_input`` says otherwise.
     """
     ref = make_block(kind, dim, activation, k, **(bn_kwargs or {}))
     fused, ref_d, ref64 = three_copies(ref, fuser(kind, backend), dtype if autocast is None else torch.float32,
@@ -103,17 +104,20 @@ def check_block(kind: str, backend: str, *, dim=6, shape=(2, 6, 7, 9), k=5, acti
             prepare(m)
     xs = make_inputs(shape, steps + eval_steps, layout)
     run_dtype = dtype if autocast is None else torch.float32
-    rows = compare_steps(fused, ref_d, ref64, xs[:steps], run_dtype, autocast)
+    # under autocast a block is fed what the layer before it produces: the autocast dtype
+    input_dtype = autocast_input or autocast or dtype
+    rows = compare_steps(fused, ref_d, ref64, xs[:steps], input_dtype, autocast)
     for m in (fused, ref_d, ref64):
         m.eval()
-    rows += compare_steps(fused, ref_d, ref64, xs[steps:], run_dtype, autocast)
+    rows += compare_steps(fused, ref_d, ref64, xs[steps:], input_dtype, autocast)
     bad = [r for r in rows if not r.ok]
     assert not bad, "fused result outside the precision rule:\n" + format_rows(rows, only_failures=True)
     assert fused.last_backend == (expect_backend or backend), \
         f"expected backend {expect_backend or backend!r} to run, got {fused.last_backend!r}"
     # the output keeps the input's memory format
-    out = fused(xs[0].to(run_dtype))
-    ref_out = ref_d(xs[0].to(run_dtype))
+    with torch.autocast(DEVICE.type, dtype=autocast, enabled=autocast is not None):
+        out = fused(xs[0].to(input_dtype))
+        ref_out = ref_d(xs[0].to(input_dtype))
     assert out.is_contiguous(memory_format=torch.channels_last) == \
         ref_out.is_contiguous(memory_format=torch.channels_last)
     assert out.dtype == ref_out.dtype

@@ -55,6 +55,18 @@ def test_autocast(kind, backend, layout):
     check_block(kind, backend, autocast=torch.bfloat16, layout=layout, dim=8, shape=(2, 8, 6, 6))
 
 
+@kind_backend
+def test_autocast_with_float32_input(kind, backend, caplog):
+    """Under autocast a float32 input is fine for the pointwise block (its conv casts it); the depthwise
+    block's residual needs the input's own precision, so a fused backend falls back, and says why."""
+    expect = "torch" if kind == "depthwise" else backend
+    with caplog.at_level(logging.WARNING, logger="convmixer_kernels"):
+        check_block(kind, backend, autocast=torch.bfloat16, autocast_input=torch.float32, dim=8,
+                    shape=(2, 8, 6, 6), expect_backend=expect)
+    if backend != "torch" and kind == "depthwise":
+        assert "residual" in caplog.text
+
+
 # ---------------------------------------------------------------- BatchNorm configurations (design.md 5.1-5.7)
 
 BN_CASES = {
