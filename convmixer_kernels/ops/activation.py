@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
-# The constexpr code a Triton kernel takes for each activation.
+# The code a kernel takes for each activation: Triton's ACT constexpr and cmk::Act in csrc/kernels/params.h.
 ACT_CODE = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
 

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from .. import _cuda_ext
 from . import batchnorm
+from .activation import ACT_CODE
 from .batchnorm import BatchNormCall
 from .depthwise_block import Padding, same_padding
 from .dispatch import common_unsupported
 
-# Same order as cmk::Act in csrc/kernels/params.h.
-ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+# ACT_CODE's numbering is the one cmk::Act in csrc/kernels/params.h uses too.
+ACTIVATION_CODES = ACT_CODE
 
 
 def _ext():
