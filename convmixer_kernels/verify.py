@@ -103,6 +103,16 @@ def compare_steps(fused: nn.Module, reference: nn.Module, ref64: nn.Module, inpu
     return rows
 
 
+def compare_train_then_eval(fused: nn.Module, reference: nn.Module, ref64: nn.Module,
+                            train_inputs: List[torch.Tensor], eval_inputs: List[torch.Tensor], dtype: torch.dtype,
+                            autocast: Optional[torch.dtype] = None) -> List[Comparison]:
+    """``compare_steps`` over the training inputs, then all three copies to eval and over the eval inputs."""
+    rows = compare_steps(fused, reference, ref64, train_inputs, dtype, autocast)
+    for m in (fused, reference, ref64):
+        m.eval()
+    return rows + compare_steps(fused, reference, ref64, eval_inputs, dtype, autocast)
+
+
 def format_rows(rows: List[Comparison], only_failures: bool = False) -> str:
     lines = [f"{'':2}{'quantity':<48} {'|fused-ref64|':>13} {'|torch-ref64|':>13} {'bound':>10}"]
     for r in rows:

@@ -21,7 +21,7 @@ from torch import nn
 from convmixer_kernels import backends
 from convmixer_kernels.modules import FusedDepthwiseBlock, FusedPointwiseBlock, Residual
 from convmixer_kernels.ops.activation import make_activation
-from convmixer_kernels.verify import compare_steps, format_rows, three_copies
+from convmixer_kernels.verify import compare_train_then_eval, format_rows, three_copies
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -103,13 +103,9 @@ def check_block(kind: str, backend: str, *, dim=6, shape=(2, 6, 7, 9), k=5, acti
         for m in (fused, ref_d, ref64):
             prepare(m)
     xs = make_inputs(shape, steps + eval_steps, layout)
-    run_dtype = dtype if autocast is None else torch.float32
     # under autocast a block is fed what the layer before it produces: the autocast dtype
     input_dtype = autocast_input or autocast or dtype
-    rows = compare_steps(fused, ref_d, ref64, xs[:steps], input_dtype, autocast)
-    for m in (fused, ref_d, ref64):
-        m.eval()
-    rows += compare_steps(fused, ref_d, ref64, xs[steps:], input_dtype, autocast)
+    rows = compare_train_then_eval(fused, ref_d, ref64, xs[:steps], xs[steps:], input_dtype, autocast)
     bad = [r for r in rows if not r.ok]
     assert not bad, "fused result outside the precision rule:\n" + format_rows(rows, only_failures=True)
     assert fused.last_backend == (expect_backend or backend), \

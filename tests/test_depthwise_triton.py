@@ -16,7 +16,7 @@ from convmixer_kernels import ConvMixer, FusedDepthwiseBlock
 from convmixer_kernels.ops import alloc, tuning
 from convmixer_kernels.ops import depthwise_block as D
 from convmixer_kernels.ops.batchnorm import BatchNormCall
-from convmixer_kernels.verify import compare, compare_steps, format_rows, three_copies
+from convmixer_kernels.verify import compare, compare_train_then_eval, format_rows, three_copies
 from harness import DEVICE, ON_GPU, backends_under_test, check_block, fuser, make_block, make_inputs
 
 pytestmark = pytest.mark.skipif("triton" not in backends_under_test(D.OP),
@@ -228,10 +228,7 @@ def test_autocast_with_half_input(layout, dtype):
     for m in (fused, ref_d, ref64):
         m.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     xs = make_inputs((2, 8, 6, 6), 3, layout)
-    rows = compare_steps(fused, ref_d, ref64, xs[:2], dtype, autocast=dtype)
-    for m in (fused, ref_d, ref64):
-        m.eval()
-    rows += compare_steps(fused, ref_d, ref64, xs[2:], dtype, autocast=dtype)
+    rows = compare_train_then_eval(fused, ref_d, ref64, xs[:2], xs[2:], dtype, autocast=dtype)
     assert all(r.ok for r in rows), format_rows(rows, only_failures=True)
     assert fused.last_backend == "triton"
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in fused.parameters())

@@ -9,7 +9,7 @@ from torch import nn
 
 from convmixer_kernels import (ConvMixer, FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock,
                                fuse_convmixer, plan_fusion, to_official_layout, to_timm_layout, unfuse_convmixer)
-from convmixer_kernels.verify import compare_steps, format_rows, three_copies
+from convmixer_kernels.verify import compare_steps, compare_train_then_eval, format_rows, three_copies
 from harness import DEVICE, make_inputs, model_backends, randomize_
 from reference_impls import OfficialResidual, TimmStyleConvMixer, official_convmixer
 
@@ -164,10 +164,7 @@ def test_model_training_steps_match_reference(backend, layout):
         for m in (fused, ref_d, ref64):
             m.to(memory_format=torch.channels_last)
     xs = make_inputs((2, 3, 10, 10), 3, layout)
-    rows = compare_steps(fused, ref_d, ref64, xs[:2], torch.float32)
-    for m in (fused, ref_d, ref64):
-        m.eval()
-    rows += compare_steps(fused, ref_d, ref64, xs[2:], torch.float32)
+    rows = compare_train_then_eval(fused, ref_d, ref64, xs[:2], xs[2:], torch.float32)
     assert all(r.ok for r in rows), format_rows(rows, only_failures=True)
     ran = {m.last_backend for m in fused.modules() if isinstance(m, (FusedConvMixerLayer, FusedDepthwiseBlock))}
     assert ran == {backend}

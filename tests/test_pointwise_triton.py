@@ -15,7 +15,7 @@ from convmixer_kernels.ops import pointwise_block as pw
 from convmixer_kernels.ops.activation import ACT_CODE, activation_reference
 from convmixer_kernels.ops.alloc import poisoning
 from convmixer_kernels.ops.batchnorm import BatchNormCall
-from convmixer_kernels.verify import compare, compare_steps, format_rows, three_copies
+from convmixer_kernels.verify import compare, compare_train_then_eval, format_rows, three_copies
 from harness import DEVICE, ON_GPU, make_inputs, pointwise_reference, randomize_
 
 pytestmark = pytest.mark.skipif(backends.environment_reason("triton", DEVICE) is not None,
@@ -147,10 +147,7 @@ def test_out_channels_differ_from_in_channels(out_dim, layout):
     fused, ref_d, ref64 = three_copies(ref, lambda m: FusedPointwiseBlock.from_module(m, backend="triton"),
                                        torch.float32, DEVICE)
     xs = make_inputs((2, 6, 5, 7), 3, layout)
-    rows = compare_steps(fused, ref_d, ref64, xs[:2], torch.float32)
-    for m in (fused, ref_d, ref64):
-        m.eval()
-    rows += compare_steps(fused, ref_d, ref64, xs[2:], torch.float32)
+    rows = compare_train_then_eval(fused, ref_d, ref64, xs[:2], xs[2:], torch.float32)
     assert all(r.ok for r in rows), format_rows(rows, only_failures=True)
     assert fused.last_backend == "triton"
 
@@ -333,10 +330,7 @@ def test_gpu_block_paper_shapes_bf16_autocast(dim, layout):
     fused, ref_d, ref64 = three_copies(ref, lambda m: FusedPointwiseBlock.from_module(m, backend="triton"),
                                        torch.float32, DEVICE)
     xs = make_inputs((4, dim, 32, 32), 2, layout)
-    rows = compare_steps(fused, ref_d, ref64, xs[:1], torch.float32, autocast=torch.bfloat16)
-    for m in (fused, ref_d, ref64):
-        m.eval()
-    rows += compare_steps(fused, ref_d, ref64, xs[1:], torch.float32, autocast=torch.bfloat16)
+    rows = compare_train_then_eval(fused, ref_d, ref64, xs[:1], xs[1:], torch.float32, autocast=torch.bfloat16)
     assert all(r.ok for r in rows), format_rows(rows, only_failures=True)
     assert fused.last_backend == "triton"
 

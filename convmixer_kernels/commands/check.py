@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .. import ConvMixer, fuse_convmixer
     from ..modules import FusedConvMixerLayer
-    from ..verify import compare_steps, format_rows, three_copies
+    from ..verify import compare_train_then_eval, format_rows, three_copies
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -41,10 +41,7 @@ def run(args) -> int:
     inputs = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
               for _ in range(args.steps)]
     autocast = torch.bfloat16 if args.autocast else None
-    rows = compare_steps(fused, ref_d, ref64, inputs, dtype, autocast)
-    for m in (fused, ref_d, ref64):
-        m.eval()
-    rows += compare_steps(fused, ref_d, ref64, inputs[:1], dtype, autocast)
+    rows = compare_train_then_eval(fused, ref_d, ref64, inputs, inputs[:1], dtype, autocast)
     ran = sorted({m.last_backend for m in fused.modules() if isinstance(m, FusedConvMixerLayer)}
                  | {m[0].last_backend for m in fused.modules() if isinstance(m, FusedConvMixerLayer)})
     failures = [r for r in rows if not r.ok]
