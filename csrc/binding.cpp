@@ -177,10 +177,13 @@ int sm_count(const Tensor& x) {
 #endif
 }
 
+// The device check comes first: a CUDAGuard on a CPU tensor fails with an internal message.
 #ifdef CMK_EMULATE
-#define CMK_DEVICE_GUARD(x)
+#define CMK_DEVICE_GUARD(x, what) check_device((x), what)
 #else
-#define CMK_DEVICE_GUARD(x) const c10::cuda::CUDAGuard device_guard((x).device())
+#define CMK_DEVICE_GUARD(x, what) \
+  check_device((x), what);        \
+  const c10::cuda::CUDAGuard device_guard((x).device())
 #endif
 
 // CONVMIXER_KERNELS_POISON=1 (set by the tests): outputs start as NaN, so an element a kernel
@@ -202,7 +205,7 @@ Tensor empty_like_preserve(const Tensor& t) { return poisoned(at::empty_like(t, 
 // training: returns [a, partials [3, T, C]]; eval: returns [y] (scale and shift required).
 std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& scale,
                             const OptTensor& shift, int64_t act, int64_t pad_top, int64_t pad_left, bool training) {
-  CMK_DEVICE_GUARD(x);
+  CMK_DEVICE_GUARD(x, "the input");
   cmk::DepthwiseParams p = conv_params(x, weight, act, pad_top, pad_left);
   if (bias) {
     check_channel_vector(*bias, x, x.scalar_type(), "the conv bias");
@@ -233,7 +236,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const OptTens
 
 // y = act(a) * scale + shift + x
 Tensor apply(const Tensor& a, const Tensor& x, const Tensor& scale, const Tensor& shift, int64_t act) {
-  CMK_DEVICE_GUARD(x);
+  CMK_DEVICE_GUARD(x, "the input");
   cmk::DepthwiseParams p = input_params(x, act);
   check_like(a, x, "the pre-activation a");
   check_channel_vector(scale, x, at::kFloat, "the BatchNorm scale");
@@ -253,7 +256,7 @@ Tensor apply(const Tensor& a, const Tensor& x, const Tensor& scale, const Tensor
 
 // [2, T, C]: per position chunk, sum dy and sum dy * (act(a) - mean)
 Tensor grad_reduce(const Tensor& dy, const Tensor& a, const Tensor& mean, int64_t act) {
-  CMK_DEVICE_GUARD(a);
+  CMK_DEVICE_GUARD(a, "the pre-activation a");
   cmk::DepthwiseParams p = input_params(a, act);
   check_like(dy, a, "the output gradient");
   check_channel_vector(mean, a, at::kFloat, "the BatchNorm mean");
@@ -274,7 +277,7 @@ Tensor grad_reduce(const Tensor& dy, const Tensor& a, const Tensor& mean, int64_
 std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x, const Tensor& weight,
                              const Tensor& mean, const Tensor& coef_dy, const Tensor& coef_g, const Tensor& coef_const,
                              int64_t act, int64_t pad_top, int64_t pad_left, bool batch_stats_grad) {
-  CMK_DEVICE_GUARD(x);
+  CMK_DEVICE_GUARD(x, "the input");
   cmk::DepthwiseParams p = conv_params(x, weight, act, pad_top, pad_left);
   check_like(dy, x, "the output gradient");
   check_like(a, x, "the pre-activation a");
@@ -306,8 +309,7 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x,
 
 // [3, T, C] -> [3, 1, C]: tiles combined in index order (the format of ops/batchnorm.py).
 Tensor combine(const Tensor& partials) {
-  CMK_DEVICE_GUARD(partials);
-  check_device(partials, "the statistics partials");
+  CMK_DEVICE_GUARD(partials, "the statistics partials");
   TORCH_CHECK(partials.dim() == 3 && partials.size(0) == 3 && partials.size(1) >= 1, kName,
               ": statistics partials must have shape [3, T, C], got ", partials.sizes());
   TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.is_contiguous(), kName,
