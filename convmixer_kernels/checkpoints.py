@@ -1,5 +1,8 @@
 """State-dict layouts: the official ``nn.Sequential`` keys and timm's ``ConvMixer`` keys.
 
+Keys saved from a DDP-wrapped model (``module.*``) or a compiled one (``_orig_mod.*``) are
+accepted in either layout; the prefix is dropped.
+
 Official: ``0.*`` patch conv, ``2.*`` its BatchNorm, ``{3+i}.*`` layer i, ``{depth+5}.*`` the head.
 timm:     ``stem.0.*``, ``stem.2.*``, ``blocks.{i}.*``, ``head.*`` (same parameters, same order).
 Both load into ``ConvMixer(...)`` (fused or not) after ``to_official_layout``.
@@ -11,10 +14,27 @@ from collections import OrderedDict
 from typing import Mapping
 
 
+# wrappers that prefix every key: DDP / DataParallel ("module."), torch.compile ("_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefix(state_dict: Mapping[str, object]) -> "OrderedDict[str, object]":
+    """The state_dict without a ``module.`` (DDP, DataParallel) or ``_orig_mod.`` (torch.compile)
+    prefix that *every* key carries (repeatedly: a compiled DDP model has both)."""
+    out = OrderedDict(state_dict)
+    while out:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in out)), None)
+        if prefix is None:
+            break
+        out = OrderedDict((k[len(prefix):], v) for k, v in out.items())
+    return out
+
+
 def layout_of(state_dict: Mapping[str, object]) -> str:
-    """"official" or "timm" (ValueError for anything else)."""
-    keys = list(state_dict)
-    if any(k.startswith("stem.") for k in keys) and any(k.startswith("head.") for k in keys):
+    """"official" or "timm" (ValueError for anything else). A ``module.``/``_orig_mod.`` prefix on
+    every key is ignored; a timm state_dict without ``head.*`` (``num_classes=0``) is "timm"."""
+    keys = list(strip_wrapper_prefix(state_dict))
+    if any(k.startswith("stem.") for k in keys) and any(k.startswith(("blocks.", "head.")) for k in keys):
         return "timm"
     if keys and all(re.match(r"^\d+\.", k) for k in keys):
         return "official"
@@ -28,9 +48,15 @@ def _depth_from_timm(state_dict) -> int:
 
 
 def to_official_layout(state_dict: Mapping[str, object]) -> "OrderedDict[str, object]":
-    """The state_dict with official keys (returned as is, copied, if already official)."""
+    """The state_dict with official keys (returned as is, copied, if already official).
+
+    A DDP ``module.`` (or torch.compile ``_orig_mod.``) prefix is removed. A headless timm
+    state_dict (``num_classes=0``: no ``head.*``) gives one without the head's keys, which loads
+    into ``ConvMixer(...)`` with ``strict=False`` (only the head missing).
+    """
+    state_dict = strip_wrapper_prefix(state_dict)
     if layout_of(state_dict) == "official":
-        return OrderedDict(state_dict)
+        return state_dict
     depth = _depth_from_timm(state_dict)
     out = OrderedDict()
     for k, v in state_dict.items():
@@ -47,9 +73,11 @@ def to_official_layout(state_dict: Mapping[str, object]) -> "OrderedDict[str, ob
 
 
 def to_timm_layout(state_dict: Mapping[str, object]) -> "OrderedDict[str, object]":
-    """The state_dict with timm's keys (returned as is, copied, if already timm's)."""
+    """The state_dict with timm's keys (returned as is, copied, if already timm's; a DDP ``module.``
+    prefix is removed)."""
+    state_dict = strip_wrapper_prefix(state_dict)
     if layout_of(state_dict) == "timm":
-        return OrderedDict(state_dict)
+        return state_dict
     top = max(int(k.split(".", 1)[0]) for k in state_dict)  # the head's index, depth + 5
     out = OrderedDict()
     for k, v in state_dict.items():

@@ -212,3 +212,37 @@ def test_standalone_pointwise_with_hook_stays():
     block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.BatchNorm2d(4))
     block[0].register_forward_hook(lambda *a: None)
     assert not isinstance(fuse_convmixer(block, backend="torch"), FusedPointwiseBlock)
+
+
+# ------------------------------------------------------------------ state_dict layouts (DDP, headless timm)
+
+
+def test_to_official_layout_accepts_ddp_prefixed_state_dicts():
+    from convmixer_kernels import to_official_layout, to_timm_layout
+    from reference_impls import TimmStyleConvMixer
+
+    torch.manual_seed(6)
+    model = ConvMixer(**SMALL)
+    sd = model.state_dict()
+    ddp = {f"module.{k}": v for k, v in sd.items()}
+    assert list(to_official_layout(ddp)) == list(sd)
+    compiled_ddp = {f"module._orig_mod.{k}": v for k, v in sd.items()}
+    assert list(to_official_layout(compiled_ddp)) == list(sd)
+    timm_sd = TimmStyleConvMixer(8, 2, 3, 2, num_classes=5).state_dict()
+    timm_ddp = {f"module.{k}": v for k, v in timm_sd.items()}
+    assert list(to_official_layout(timm_ddp)) == list(to_official_layout(timm_sd))
+    assert list(to_timm_layout(ddp)) == list(to_timm_layout(sd))
+    ConvMixer(**SMALL).load_state_dict(to_official_layout(ddp), strict=True)
+
+
+def test_to_official_layout_accepts_headless_timm():
+    from convmixer_kernels import to_official_layout
+    from reference_impls import TimmStyleConvMixer
+
+    timm_model = TimmStyleConvMixer(8, 2, 3, 2, num_classes=5)
+    timm_model.head = nn.Identity()  # what timm builds for num_classes=0
+    sd = to_official_layout(timm_model.state_dict())
+    model = ConvMixer(**SMALL)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["7.bias", "7.weight"] and unexpected == []
+    torch.testing.assert_close(sd["3.0.fn.0.weight"], timm_model.blocks[0][0].fn[0].weight)
