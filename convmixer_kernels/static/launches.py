@@ -1,0 +1,318 @@
+"""The one adapter between ``inspect`` and the package's Triton launchers.
+
+Under ``recording()`` every ``JITFunction.run`` (what ``kernel[grid](...)`` calls) is replaced:
+the launch is bound and specialized exactly as Triton would for an sm_90 target (the same
+binder, the same ``_pack_args``: signature, constexprs, divisibility attributes, num_warps,
+num_stages) and recorded instead of launched. The launchers are then run on ``meta`` tensors at
+the workload's shape, so grids and configurations are those the package picks on an H200.
+
+Two layouts of ``convmixer_kernels.ops`` are known (re-point here, nowhere else):
+
+* the op-contract layout (``ops/triton/common.py`` has ``static_target``): launchers run inside
+  ``static_target(sms=132)``, which makes them pick CUDA configurations for meta tensors;
+* the earlier layout (``ops/depthwise_block.py`` / ``ops/pointwise_block.py`` hold the kernels):
+  the few policy hooks those files read (interpreting?, autotune?, SM count, finalize on CUDA)
+  are patched for the duration of the capture.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .ceilings import H200
+
+ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # fallback; the ops' own ACT_CODE is used when found
+
+
+@dataclass
+class TensorArg:
+    shape: Tuple[int, ...]
+    dtype: str
+    nbytes: int
+    storage: int  # identity of the underlying storage (a dummy passed twice is one tensor)
+
+
+@dataclass
+class Launch:
+    kernel: str
+    phase: str  # e.g. "dw_block forward (training)"
+    grid: Tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    constexprs: Dict[str, Any]
+    args: Dict[str, Any]  # name -> int / float / bool / TensorArg
+    candidate: bool = False  # recorded while enumerating autotune candidates (--all-configs)
+    compile_inputs: Tuple = field(default=(), repr=False)  # (fn, signature, constexprs, attrs, options dict)
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def key(self) -> tuple:
+        return (self.kernel, tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())), self.num_warps,
+                self.num_stages, tuple(sorted((k, v.dtype) for k, v in self.args.items() if isinstance(v, TensorArg))))
+
+
+class _Recorder:
+    def __init__(self):
+        self.launches: List[Launch] = []
+        self.phase = ""
+        self.candidate = False
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:
+        return id(t)
+
+
+@contextlib.contextmanager
+def recording():
+    """Record Triton launches (compile inputs for sm_90) instead of running them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import jit as jit_mod
+
+    backend = make_backend(GPUTarget("cuda", H200.capability, 32))
+    rec = _Recorder()
+    binders: Dict[int, Callable] = {}
+    original = jit_mod.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = binders.get(id(self))
+        if binder is None:
+            binder = binders[id(self)] = jit_mod.create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        opts, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        if callable(grid):
+            grid = grid(bound)
+        g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+        names = list(bound)
+        cx = {names[path[0]]: val for path, val in constexprs.items() if len(path) == 1}
+        described = {}
+        for name, val in bound.items():
+            if name in cx:
+                continue
+            if isinstance(val, torch.Tensor):
+                described[name] = TensorArg(tuple(val.shape), str(val.dtype).replace("torch.", ""),
+                                            val.numel() * val.element_size(), _storage_id(val))
+            elif isinstance(val, (int, float, bool)):
+                described[name] = val
+        rec.launches.append(Launch(self.fn.__name__, rec.phase, g, opts.num_warps, opts.num_stages, cx, described,
+                                   rec.candidate, (self, signature, constexprs, attrs, opts.__dict__)))
+        return None
+
+    jit_mod.JITFunction.run = run
+    try:
+        yield rec
+    finally:
+        jit_mod.JITFunction.run = original
+
+
+# ------------------------------------------------------------------ the launchers, per layout
+
+
+class _Props:
+    multi_processor_count = H200.sms
+    name = "static sm_90 target"
+    major, minor = 9, 0
+
+
+def _new_layout():
+    try:
+        common = importlib.import_module("convmixer_kernels.ops.triton.common")
+        dw = importlib.import_module("convmixer_kernels.ops.triton.depthwise")
+        pw = importlib.import_module("convmixer_kernels.ops.triton.pointwise")
+    except Exception:
+        return None
+    if not hasattr(common, "static_target"):
+        return None
+    return common, dw, pw
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    if not hasattr(obj, name):
+        yield
+        return
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def sm90_policy(rec: _Recorder, all_configs: bool):
+    """Launchers pick what they would on an H200; with ``all_configs`` every autotune candidate is
+    launched (recorded as a candidate) before the default is used."""
+    new = _new_layout()
+    with contextlib.ExitStack() as stack:
+        if new is not None:
+            common, dw, pw = new
+            stack.enter_context(common.static_target())
+            if all_configs and hasattr(common, "Autotuner"):
+                orig = common.Autotuner.pick
+
+                def pick(self, key, candidates, launch, timer=None):
+                    _enumerate(rec, candidates, launch)
+                    return candidates[0]
+
+                stack.enter_context(_patched(common.Autotuner, "pick", pick))
+            yield dw, pw
+            return
+        dw = importlib.import_module("convmixer_kernels.ops.depthwise_block")
+        pw = importlib.import_module("convmixer_kernels.ops.pointwise_block")
+        try:
+            from convmixer_kernels.ops.batchnorm_triton import finalize_triton
+        except ImportError:
+            from convmixer_kernels.ops.triton.batchnorm import finalize_triton
+
+        def finalize(part, call):
+            with torch.no_grad():
+                return finalize_triton(part, call)
+
+        stack.enter_context(_patched(torch.cuda, "get_device_properties", lambda *a, **k: _Props()))
+        stack.enter_context(_patched(dw, "_interpreting", lambda device=None: False))
+        stack.enter_context(_patched(pw, "_interpreting", lambda device=None: False))
+        stack.enter_context(_patched(pw, "_num_sms", lambda device=None: H200.sms))
+        for mod in (dw, pw):
+            stack.enter_context(_patched(mod, "autotune_enabled", lambda: False))
+            stack.enter_context(_patched(mod, "finalize", finalize))
+        if all_configs:
+            def dw_pick(kind, key, candidates, bench):
+                _enumerate(rec, candidates, bench)
+                return candidates[0]
+
+            def pw_pick(key, I, J, default, launch):
+                cands = [default] + [c for c in pw.GEMM_CONFIGS if c != default]
+                _enumerate(rec, cands, launch)
+                return default
+
+            stack.enter_context(_patched(dw, "_pick_config", dw_pick))
+            stack.enter_context(_patched(pw, "_pick_config", pw_pick))
+        yield dw, pw
+
+
+def _enumerate(rec: _Recorder, candidates, launch) -> None:
+    rec.candidate = True
+    try:
+        for cand in candidates[1:]:
+            launch(cand)
+    finally:
+        rec.candidate = False
+
+
+# ------------------------------------------------------------------ one block's launches
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    dim: int
+    size: int  # H = W of the layer's grid
+    kernel_size: int
+    dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = True
+    activation: str = "gelu"
+
+    @property
+    def unit_bytes(self) -> int:
+        return self.batch * self.dim * self.size * self.size * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _act(dw_mod, name: str) -> int:
+    codes = getattr(dw_mod, "ACT_CODE", None) or ACT_CODES
+    return codes[name]
+
+
+def _bn_call(dw_mod, g, b, rm, rv, training):
+    BatchNormCall = getattr(dw_mod, "BatchNormCall", None)
+    if BatchNormCall is None:
+        from convmixer_kernels.ops.batchnorm import BatchNormCall
+    return BatchNormCall(g, b, rm, rv, training, 0.1, 1e-5)
+
+
+PHASES = {
+    "dw_block": ("forward (training)", "forward (eval)", "backward"),
+    "pw_block": ("forward (training)", "forward (eval)", "backward"),
+}
+
+
+def capture(op: str, s: Shape, phases=None, all_configs: bool = False) -> List[Launch]:
+    """Every launch the Triton backend makes for ``op`` ("dw_block" or "pw_block") at ``s``."""
+    phases = phases or PHASES[op]
+    meta = dict(device="meta")
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    N, C, H, k = s.batch, s.dim, s.size, s.kernel_size
+    x = torch.empty(N, C, H, H, dtype=s.dtype, **meta).contiguous(memory_format=fmt)
+    f32 = lambda *shape: torch.empty(*shape, dtype=torch.float32, **meta)  # noqa: E731
+    with recording() as rec, sm90_policy(rec, all_configs) as (dw, pw), torch.no_grad():
+        if op == "dw_block":
+            w = torch.empty(C, 1, k, k, dtype=s.dtype, **meta)
+            b = torch.empty(C, dtype=s.dtype, **meta)
+            pads = ((k - 1) // 2, (k - 1) // 2)
+            act = _act(dw, s.activation)
+            for phase in phases:
+                rec.phase = f"dw_block {phase}"
+                if phase == "forward (training)":
+                    dw.depthwise_forward(x, w, b, f32(C), f32(C), f32(C), f32(C), True, 0.1, 1e-5, act, pads, True)
+                elif phase == "forward (eval)":
+                    dw.depthwise_forward(x, w, b, f32(C), f32(C), f32(C), f32(C), False, 0.1, 1e-5, act, pads,
+                                         False)
+                else:
+                    dy, a = torch.empty_like(x), torch.empty_like(x)
+                    dw.depthwise_backward(dy, x, a, w, f32(C), f32(2, C), True, act, pads, True, True, True, True)
+        else:
+            w = torch.empty(C, C, 1, 1, dtype=s.dtype, **meta)
+            b = torch.empty(C, dtype=s.dtype, **meta)
+            M = N * H * H
+            for phase in phases:
+                rec.phase = f"pw_block {phase}"
+                if phase == "forward (training)":
+                    pw.pointwise_forward(x, w, b, _bn_call(pw, f32(C), f32(C), f32(C), f32(C), True), s.activation,
+                                         True)
+                elif phase == "forward (eval)":
+                    pw.pointwise_forward(x, w, b, _bn_call(pw, f32(C), f32(C), f32(C), f32(C), False),
+                                         s.activation, False)
+                else:
+                    dz = torch.empty_like(x)
+                    p = torch.empty(M, C, dtype=s.dtype, **meta)
+                    pw.pointwise_backward(dz, x, w, p, f32(C), f32(C), f32(C), True, s.activation, True, True, True,
+                                          True)
+    return rec.launches
+
+
+def fused_saved(op: str, s: Shape) -> Tuple[int, int]:
+    """(bytes, tensors) the Triton backend's autograd formula saves for ``op`` at ``s`` (meta tensors,
+    launches recorded, not run); parameters and BatchNorm buffers excluded."""
+    from .traffic import saved_bytes
+
+    new = _new_layout()
+    if new is not None:
+        entry = {"dw_block": (new[1], "depthwise_block_triton"), "pw_block": (new[2], "pointwise_block_triton")}[op]
+    else:
+        entry = {"dw_block": (importlib.import_module("convmixer_kernels.ops.depthwise_block"), "depthwise_block_triton"),
+                 "pw_block": (importlib.import_module("convmixer_kernels.ops.pointwise_block"),
+                              "pointwise_block_triton")}[op]
+    fn = getattr(*entry)
+    meta = dict(device="meta")
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    N, C, H, k = s.batch, s.dim, s.size, s.kernel_size
+    x = torch.empty(N, C, H, H, dtype=s.dtype, **meta).contiguous(memory_format=fmt).requires_grad_(True).clone()
+    shape_w = (C, 1, k, k) if op == "dw_block" else (C, C, 1, 1)
+    params = [torch.empty(shape_w, dtype=s.dtype, **meta).requires_grad_(True),
+              torch.empty(C, dtype=s.dtype, **meta).requires_grad_(True),
+              torch.empty(C, **meta).requires_grad_(True), torch.empty(C, **meta).requires_grad_(True)]
+    buffers = [torch.empty(C, **meta), torch.empty(C, **meta)]
+    kwargs = dict(activation=s.activation)
+    if op == "dw_block":
+        kwargs["padding"] = "same"
+    with recording() as rec, sm90_policy(rec, False):
+        return saved_bytes(lambda: fn(x, *params, *buffers, True, 0.1, 1e-5, **kwargs), exclude=tuple(params + buffers))

@@ -1,0 +1,189 @@
+"""Per-kernel facts the machine code cannot tell: loop trip counts, useful work, DRAM bytes.
+
+One entry per Triton kernel name, derived from a recorded launch (its constexprs ``c``, its
+scalar and tensor arguments ``a``, its grid). Kept beside ``launches.py``: when a kernel's loops
+or arguments change, this table changes with it.
+
+* ``loops``: the source loop nest, outermost first, in source order, as ``Loop(trip, children)``.
+  It is matched against the SASS loops (backward branches) by position; a loop with a runtime
+  bound (``runtime=True``) that the compiler split into an unrolled main loop and a remainder
+  loop matches two SASS loops (unroll factor 4, LLVM's default: trips n // 4 and n % 4).
+  A SASS loop left unmatched counts once (flagged in the report).
+* ``fma``: useful fp32 FMAs (CUDA cores); ``mma_flops``: useful tensor-core FLOPs.
+* ``reads``/``writes``: tensor arguments the kernel must move to/from DRAM once (a dummy
+  argument standing in for an absent tensor is excluded by its condition). ``l2``: extra bytes
+  re-read through L2 (halos, scratch, partials read-modify-write), reported, not in the DRAM bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+
+@dataclass
+class Loop:
+    trip: float
+    children: List["Loop"] = field(default_factory=list)
+    runtime: bool = False
+    name: str = ""
+
+
+@dataclass
+class Plan:
+    loops: List[Loop]
+    fma: float = 0.0
+    mma_flops: float = 0.0
+    reads: List[str] = field(default_factory=list)
+    writes: List[str] = field(default_factory=list)
+    l2_bytes: float = 0.0
+    what: str = ""
+
+
+def cdiv(a, b):
+    return -(-int(a) // int(b))
+
+
+def _nchw(t):
+    n, c, h, w = t.shape
+    return n, c, h, w
+
+
+def _conv(c, a, grid):
+    n, ch, h, w = _nchw(a["x_ptr"])
+    kh, kw = c["KH"], c["KW"]
+    reads = ["x_ptr", "wt_ptr"] + (["b_ptr"] if c["HAS_BIAS"] else [])
+    writes = (["a_ptr"] if c["STORE_A"] else []) + (["part_ptr"] if c["TRAIN"] else ["y_ptr"])
+    if not c["TRAIN"]:
+        reads += ["scale_ptr", "shift_ptr"]
+    halo = ((c["TH"] + kh - 1) * (c["TW"] + kw - 1) / (c["TH"] * c["TW"]) - 1) * a["x_ptr"].nbytes
+    return Plan([Loop(kh, [Loop(kw, name="KW")], name="KH")], fma=n * ch * h * w * kh * kw, reads=reads,
+                writes=writes, l2_bytes=halo,
+                what="a = dwconv(x) + b" + (", tile statistics of act(a)" if c["TRAIN"] else ", y = act(a)*s + t + x"))
+
+
+def _dw_apply(c, a, grid):
+    return Plan([], reads=["x_ptr", "a_ptr", "scale_ptr", "shift_ptr"], writes=["y_ptr"], what="y = act(a)*s + t + x")
+
+
+def _reduce(c, a, grid):
+    return Plan([], reads=["dy_ptr", "a_ptr", "mean_ptr", "rstd_ptr"], writes=["part_ptr"],
+                what="per-tile sum(dy), sum(dy*xhat)")
+
+
+def _input_grad(c, a, grid):
+    n, ch, h, w = _nchw(a["x_ptr"])
+    kh, kw, th, tw = c["KH"], c["KW"], c["TH"], c["TW"]
+    region, tile = (th + kh - 1) * (tw + kw - 1), th * tw
+    per_prog = cdiv(a["n_items"], grid[0])
+    body = [Loop(cdiv(region, tile), name="da over tile + halo")]
+    if c["NEED_DX"]:
+        body.append(Loop(kh, [Loop(kw, name="KW")], name="dx KH"))
+    if c["NEED_DW"]:
+        body.append(Loop(kh, [Loop(kw, name="KW")], name="dw KH"))
+    fma = n * ch * h * w * kh * kw * (int(c["NEED_DX"]) + int(c["NEED_DW"]))
+    reads = ["dy_ptr", "a_ptr", "x_ptr", "wt_ptr", "coef_ptr"]
+    writes = (["dx_ptr"] if c["NEED_DX"] else []) + ["dwp_ptr", "dbp_ptr"]
+    halo = (region / tile - 1) * (a["dy_ptr"].nbytes + a["a_ptr"].nbytes + a["x_ptr"].nbytes)
+    scratch = 2 * region / tile * n * ch * h * w * 4  # da written and read back per tile
+    partials = 2 * a["n_items"] * grid[1] * (kh * kw + 1) * c["BLOCK_C"] * 4  # dw/db read-modify-write per tile
+    return Plan([Loop(per_prog, body, name="tiles of this program")], fma=fma, reads=reads, writes=writes,
+                l2_bytes=halo + scratch + partials, what="da recomputed with halo; dx = dy + dwconv^T(da); dw, db partials")
+
+
+def _sum_rows(c, a, grid):
+    if "T" in a:  # ops/triton/common.py: [R, T, L] over T, SPLIT lanes
+        trip = cdiv(a["T"], c.get("SPLIT", 1))
+    else:
+        trip = a["R"]
+    return Plan([Loop(trip, runtime=True, name="rows")], reads=["src_ptr"], writes=["out_ptr"],
+                what="fixed-order sum of partials")
+
+
+def _finalize(c, a, grid):
+    return Plan([Loop(max(a["T"] - 1, 0), runtime=True, name="tiles (dependent chain)")],
+                reads=["partials_ptr", "weight_ptr", "bias_ptr", "rmean_ptr", "rvar_ptr"],
+                writes=["mean_ptr", "rstd_ptr", "scale_ptr", "shift_ptr", "rmean_ptr", "rvar_ptr"],
+                what="BatchNorm finalize (Chan combine in tile order, running stats)")
+
+
+def _gemm(c, a, grid):
+    I, J, K = a["I"], a["J"], a["K"]
+    kps = a.get("k_per_split", K)
+    reads = ["a_ptr", "b_ptr"] + (["bias_ptr"] if c.get("HAS_BIAS") else []) + \
+        (["res_ptr"] if c.get("HAS_RES") else [])
+    writes = ["c_ptr"] + (["part_ptr"] if c.get("STATS") else [])
+    tiles_i, tiles_j = cdiv(I, c["BLOCK_I"]), cdiv(J, c["BLOCK_J"])
+    rereads = (tiles_j - 1) * I * K * 2 + (tiles_i - 1) * J * K * 2  # operand tiles re-read through L2
+    return Plan([Loop(cdiv(kps, c["BLOCK_K"]), name="K")], mma_flops=2.0 * I * J * K, reads=reads, writes=writes,
+                l2_bytes=rereads, what=f"GEMM {I}x{J}x{K}" + (" + bias" if c.get("HAS_BIAS") else "")
+                + (" + statistics epilogue" if c.get("STATS") else "") + (" + BN apply epilogue" if c.get("APPLY") else ""))
+
+
+def _pw_apply(c, a, grid):
+    return Plan([], reads=["p_ptr", "scale_ptr", "shift_ptr"], writes=["z_ptr"], what="z = act(p)*s + t")
+
+
+def _bn_bwd(c, a, grid):
+    store = c.get("STORE_DP")
+    return Plan([Loop(a["tiles_per_prog"], name="row tiles")],
+                reads=["dz_ptr", "p_ptr", "mean_ptr", "rstd_ptr", "scale_ptr"] + (["sums_ptr"] if store else []),
+                writes=(["dp_ptr"] if store else []) + ["part_ptr"],
+                what="dp = BN_bwd(dz)*act'(p)" if store else "sum(dz), sum(dz*xhat)")
+
+
+def _sum_tiles(c, a, grid):
+    return Plan([Loop(max(a["T"] - 1, 0), runtime=True, name="tiles")], reads=["part_ptr"], writes=["out_ptr"],
+                what="fixed-order sum of partials")
+
+
+PLANS: Dict[str, Callable] = {
+    "_conv_kernel": _conv,
+    "_apply_kernel": lambda c, a, g: _dw_apply(c, a, g) if "x_ptr" in a else _pw_apply(c, a, g),
+    "_reduce_kernel": _reduce,
+    "_input_grad_kernel": _input_grad,
+    "_sum_rows_kernel": _sum_rows,
+    "_finalize_kernel": _finalize,
+    "_gemm_kernel": _gemm,
+    "_bn_bwd_kernel": _bn_bwd,
+    "_sum_tiles_kernel": _sum_tiles,
+}
+
+
+def plan_for(kernel: str, constexprs: dict, args: dict, grid) -> Optional[Plan]:
+    f = PLANS.get(kernel)
+    return f(constexprs, {**args, **constexprs}, grid) if f else None
+
+
+UNROLL = 4
+
+
+def assign_trips(sass_loops, hints: List[Loop]) -> bool:
+    """Set each SASS loop's trip from the hints (by position); True when every loop matched.
+
+    Where the SASS has fewer loops than the source at a level, the compiler fully unrolled some
+    constant-trip loops (their bodies are then repeated in the parent's code, counted as such):
+    the shortest constant-trip hints are dropped first until the counts agree.
+    """
+    ok = True
+    i = 0
+    hints = list(hints)
+    while len(hints) > len(sass_loops):
+        fixed = [h for h in hints if not h.runtime]
+        if not fixed:
+            return False
+        hints.remove(min(fixed, key=lambda h: h.trip))
+    for h_idx, h in enumerate(hints):
+        left_sass, left_hints = len(sass_loops) - i, len(hints) - h_idx
+        if left_sass <= 0:
+            return False
+        if h.runtime and left_sass > left_hints:  # unrolled main loop + remainder
+            main, rest = sass_loops[i], sass_loops[i + 1]
+            main.trip, rest.trip = h.trip // UNROLL, h.trip % UNROLL
+            main.matched = rest.matched = True
+            i += 2
+            continue
+        lp = sass_loops[i]
+        lp.trip, lp.matched = h.trip, True
+        ok = assign_trips(lp.children, h.children) and ok
+        i += 1
+    return ok and i == len(sass_loops)

@@ -1,0 +1,189 @@
+"""``convmixer-kernels inspect`` (static prediction, not a measurement) and its CI guard.
+
+Compilation for sm_90 needs Triton out of interpreter mode, so those tests run ``inspect`` in a
+subprocess without TRITON_INTERPRET; they skip with the reason where ptxas/cuobjdump are absent.
+The pieces that compile nothing (SASS parsing, the bounds, the eager traffic counter, the
+saved-bytes count, the guard's comparison) run in-process.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convmixer_kernels.static import guard, predict, sass, toolchain, traffic
+from convmixer_kernels.static.ceilings import H200
+from convmixer_kernels.static.launches import Shape
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED = os.path.join(REPO, "bench", "results", "static-sm90-1536-20-k9-p7.json")
+_tools = [t for t in ("ptxas", "cuobjdump") if not toolchain.find(t)]
+NEEDS_TOOLS = pytest.mark.skipif(bool(_tools), reason=f"{' and '.join(_tools)} not found: static inspection "
+                                 "needs triton's bundled ptxas/cuobjdump or the CUDA toolkit")
+
+
+def _inspect(*args, timeout=600) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-m", "convmixer_kernels", "inspect", "--backend", "triton", "--json", "-",
+                          *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _inspect("--dim", "64", "--depth", "2", "--batch", "2", "--image-size", "16", "--patch-size", "2",
+                    "--kernel-size", "5")
+
+
+KERNEL_FIELDS = {"registers", "spill_bytes", "smem_bytes", "blocks_per_sm", "occupancy", "mix_per_warp",
+                 "instr_per_ffma", "issue_us", "fma_us", "tensor_us", "dram_us", "predicted_us", "bound", "floor_us",
+                 "roofline_pct", "dram_bytes", "grid", "num_warps", "num_stages", "constexprs", "loops_matched"}
+
+
+@NEEDS_TOOLS
+def test_inspect_small_workload_has_every_field(small):
+    r = small
+    assert r["meta"]["label"] == "static prediction, not a measurement"
+    assert {"commit", "tools", "ceilings", "assumptions"} <= set(r["meta"])
+    assert r["meta"]["tools"]["ptxas"] and r["meta"]["tools"]["triton"]
+    names = {(k["block"], k["kernel"]) for k in r["kernels"]}
+    assert {("dw_block", "_conv_kernel"), ("dw_block", "_input_grad_kernel"), ("pw_block", "_gemm_kernel")} <= names
+    for k in r["kernels"]:
+        assert "compile_error" not in k, k
+        assert KERNEL_FIELDS <= set(k), sorted(KERNEL_FIELDS - set(k))
+        assert k["registers"] > 0 and k["predicted_us"] > 0 and k["floor_us"] >= 0 and k["mix_per_warp"]["total"] > 0
+        assert 0 < k["roofline_pct"] <= 100.0 + 1e-6 and k["blocks_per_sm"] >= 1
+        assert k["predicted_us"] == pytest.approx(max(k["issue_us"], k["fma_us"], k["tensor_us"], k["dram_us"]))
+    blocks = {(b["block"], b["phase"]) for b in r["blocks"]}
+    assert ("dw_block", "forward+backward (training)") in blocks and ("pw_block", "backward") in blocks
+    assert r["step"]["predicted_ms"] > 0 and r["memory"]["saved_per_layer_fused_bytes"] > 0
+
+
+@NEEDS_TOOLS
+def test_conv_kernel_floor_by_hand(small):
+    """The training-forward conv at N=2, C=64, 8x8, k=5, bf16: floor = max(bytes / BW, 2 * FMAs / FMA peak)."""
+    k = next(k for k in small["kernels"] if k["kernel"] == "_conv_kernel" and k["phase"] == "forward (training)")
+    n, c, h, ks = 2, 64, 8, 5
+    unit = n * c * h * h * 2
+    T = k["grid"][0]  # tiles; partials [3, T, C] float32
+    moved = unit + ks * ks * c * 2 + c * 2 + unit + 3 * T * c * 4  # x, weight taps, bias; a, partials
+    assert k["dram_bytes"] == moved
+    fmas = n * c * h * h * ks * ks
+    assert k["useful_fma"] == fmas
+    assert k["floor_us"] == pytest.approx(max(moved / 4.3e12, 2 * fmas / 67e12) * 1e6)
+    assert k["loops_matched"] and k["mix_per_warp"]["FFMA"] > 0
+
+
+@NEEDS_TOOLS
+def test_guard_default_launches_vs_committed_json():
+    """CI guard: the paper shape's default launches, against bench/results (10% on predicted time)."""
+    if not os.path.exists(COMMITTED):
+        pytest.skip(f"{COMMITTED} is not committed yet")
+    with open(COMMITTED) as f:
+        committed = json.load(f)
+    current = _inspect("--config", "1536/20-k9-p7")
+    problems = guard.compare(current, committed, tolerance=0.10)
+    assert not problems, "static regression (static prediction, not a measurement):\n" + "\n".join(problems)
+
+
+def _fixture_kernels():
+    k = {"block": "dw_block", "phase": "backward", "kernel": "_input_grad_kernel", "candidate": False,
+         "predicted_us": 100.0, "spill_bytes": 0, "smem_bytes": 4096}
+    return {"kernels": [k, dict(k, kernel="_reduce_kernel", predicted_us=10.0)]}
+
+
+def test_guard_names_the_regressing_kernel():
+    committed = _fixture_kernels()
+    same = copy.deepcopy(committed)
+    same["kernels"][0]["predicted_us"] = 109.0  # within 10%
+    assert guard.compare(same, committed) == []
+    slow = copy.deepcopy(committed)
+    slow["kernels"][0]["predicted_us"] = 111.0
+    problems = guard.compare(slow, committed)
+    assert len(problems) == 1 and "_input_grad_kernel" in problems[0] and "+11%" in problems[0]
+    spill = copy.deepcopy(committed)
+    spill["kernels"][1]["spill_bytes"] = 8
+    spill["kernels"][1]["smem_bytes"] = 300 * 1024
+    problems = guard.compare(spill, committed)
+    assert any("_reduce_kernel spills 8 B" in p for p in problems) and any("shared memory" in p for p in problems)
+    gone = {"kernels": committed["kernels"][:1]}
+    assert any("_reduce_kernel is gone" in p for p in guard.compare(gone, committed))
+
+
+SASS_TEXT = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R2 ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   FFMA R2, R3, R4, R2 ;
+        /*0040*/               @P0 BRA 0x30 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+"""
+
+
+def test_sass_loops_and_dynamic_mix():
+    from convmixer_kernels.static import trips
+
+    f = sass.parse(SASS_TEXT)[0]
+    assert [(lp.start, lp.end) for lp in f.loops] == [(0x10, 0x50)] and len(f.loops[0].children) == 1
+    assert trips.assign_trips(f.loops, [trips.Loop(3, [trips.Loop(5)])])
+    mix = f.dynamic_mix()
+    # outer body once per outer trip (3): FFMA@10, LDG@20, BRA@50; inner (FFMA@30, BRA@40) 3 x 5 times
+    assert mix["FFMA"] == 3 + 15 and mix["LDG.128"] == 3 and mix["total"] == 1 + 3 * 3 + 15 * 2 + 1
+
+
+def test_occupancy_and_bounds_by_hand():
+    occ = predict.occupancy(registers=128, smem=4096, num_warps=4)
+    assert occ.blocks_per_sm == 4 and occ.limiter == "registers" and occ.factor == 1.0  # 65536 / (128*128)
+    one = predict.occupancy(registers=255, smem=98304, num_warps=8)
+    assert one.blocks_per_sm == 1 and one.factor == pytest.approx(0.5)
+    b = predict.bounds({"total": 1000, "FFMA": 100}, 4, 264, occ, fma=0, mma_flops=0, dram_bytes=4.3e6)
+    assert b["issue_us"] == pytest.approx(4000 * 2 / (4 * 1.98e9) * 1e6)
+    assert b["dram_us"] == pytest.approx(1.0) and b["fma_us"] == pytest.approx(100 * 4 * 264 * 64 / 67e12 * 1e6)
+
+
+def test_eager_traffic_counter_by_hand():
+    """The unfused depthwise block, forward (training) and backward, counted op by op on meta tensors."""
+    s = Shape(batch=2, dim=8, size=6, kernel_size=3, dtype=torch.bfloat16)
+    unit, C, k = 2 * 8 * 6 * 6 * 2, 8, 3
+    t = traffic.eager_block_traffic("dw_block", s)
+    f = {op: (r, w) for op, r, w in t["forward"]["ops"]}
+    assert f["convolution"] == (unit + C * k * k * 2 + C * 2, unit)  # x, weight, bias -> out
+    assert f["gelu"] == (unit, unit)
+    # BN (fp32 parameters and running buffers): input, weight, bias, running mean/var -> out, save_mean, save_invstd
+    assert f["native_batch_norm"] == (unit + 4 * C * 4, unit + 2 * C * 4)
+    assert f["add"] == (2 * unit, unit)  # the residual
+    assert f["add_"] == (8, 8)  # num_batches_tracked += 1 (int64)
+    assert t["forward"]["bytes"] == sum(r + w for r, w in f.values()) and len(f) == 5
+    assert round(t["forward"]["passes"]) == 9
+    b = {op: (r, w) for op, r, w in t["backward"]["ops"]}
+    assert b["gelu_backward"] == (2 * unit, unit) and b["convolution_backward"][1] == unit + C * k * k * 2 + C * 2
+
+
+def test_saved_bytes_by_hand():
+    """Eager depthwise block: conv saves x, GELU saves the conv output, BN its input and 2 fp32 stats."""
+    s = Shape(batch=2, dim=8, size=6, kernel_size=3, dtype=torch.bfloat16)
+    unit = 2 * 8 * 6 * 6 * 2
+    nbytes, n = traffic.eager_saved("dw_block", s)
+    assert nbytes == 3 * unit + 2 * 8 * 4 and n == 5
+    # the counter on a plain function
+    x = torch.randn(4, 5, requires_grad=True)
+    w = torch.randn(5, 3, requires_grad=True)
+    nbytes, n = traffic.saved_bytes(lambda: torch.relu(x @ w), exclude=(w,))
+    assert n == 2 and nbytes == (4 * 5 + 4 * 3) * 4  # x for mm (w excluded), relu's output
+
+
+def test_ceilings_are_one_table():
+    assert (H200.sms, H200.clock_hz, H200.dram_bytes_per_s, H200.tensor_bf16_flops, H200.fma_fp32_flops) == \
+        (132, 1.98e9, 4.3e12, 788e12, 67e12)
+    assert H200.l2_bytes == 60 * 2 ** 20 and H200.smem_per_sm == 228 * 1024 and H200.regs_per_sm == 65536
+    assert H200.threads_per_sm == 2048
