@@ -16,6 +16,7 @@ COMMANDS = {
     "check": "a short fused-vs-reference check (outputs, gradients, BatchNorm buffers) on this machine",
     "train": "train a ConvMixer on the shipped handwritten digits (or synthetic data), fused or not; --compare",
     "profile": "large-kernel depthwise sweep (k = 3..31, shapes, dtypes, layouts) for every provider (CUDA)",
+    "inspect": "static sm_90 evidence without a GPU: registers, spills, SASS mix, predicted time (static prediction)",
     "bench": "run the benchmark suite, pytest bench/ (CUDA), with pass-through pytest arguments",
 }
 
