@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = ("eager", "eager-cl", "compile", "compile-max-autotune")
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+STATIC_START, STATIC_END = "<!-- static:start -->", "<!-- static:end -->"
 WORKLOAD_NAMES = {"dwconv": "depthwise conv alone", "dw_block": "depthwise block (training mode)",
                   "pw_block": "pointwise block (training mode)", "model": "ConvMixer"}
 # design.md section 7: (workload, mode, config, what, threshold)
@@ -215,16 +216,64 @@ def plot(rows: List[dict], path: str) -> str:
     return f"plot: {path}"
 
 
-def rewrite_readme(readme: str, section: str) -> None:
+def rewrite_readme(readme: str, section: str, start: str = START, end: str = END) -> None:
     with open(readme) as f:
         text = f.read()
-    if START not in text or END not in text or text.index(START) > text.index(END):
-        raise SystemExit(f"{readme}: needs the markers {START} and {END} (in that order) around the performance "
-                         "section; nothing was changed")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(readme, "w") as f:
-        f.write(head + START + "\n" + section.rstrip() + "\n" + END + tail)
+    if start not in text or end not in text or text.index(start) > text.index(end):
+        raise SystemExit(f"{readme}: needs the markers {start} and {end} (in that order) around the section; "
+                         "nothing was changed")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:  # written whole, then moved: a failure leaves the README as it was
+        f.write(head + start + "\n" + section.rstrip() + "\n" + end + tail)
+    os.replace(tmp, readme)
+
+
+# ------------------------------------------------------------------ static predictions (no GPU measurement)
+
+
+def static_files() -> List[str]:
+    return sorted(glob.glob(os.path.join(HERE, "results", "static-sm90-*.json")))
+
+
+def static_table(paths: List[str]) -> str:
+    """The "Static prediction (no GPU measurement)" section from inspect's JSON files."""
+    out = ["**Static prediction (no GPU measurement).** `convmixer-kernels inspect` compiles every launch the "
+           "package makes for sm_90 without a GPU and predicts each kernel's time from its machine code and counted "
+           "bytes against H200 ceilings. These are predictions, not measurements; they are never mixed with the "
+           "measured tables.", ""]
+    assumptions = None
+    out += ["| config | block | phase | kernels | predicted µs | floor µs | % of floor | DRAM passes (budget) |"
+            " eager passes (counted) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    heads = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not str(data.get("schema", "")).startswith("convmixer-kernels-static/"):
+            continue
+        assumptions = assumptions or data["meta"].get("assumptions")
+        w = data["workload"]
+        name = w.get("config") or f"{w['dim']}/{w['depth']}-k{w['kernel_size']}-p{w['patch_size']}"
+        for b in data["blocks"]:
+            pct = 100 * b["floor_us"] / b["predicted_us"] if b["predicted_us"] else 0
+            ev = b.get("eager_passes_counted")
+            out.append(f"| {name} | {b['block']} | {b['phase']} | {b['kernels']} | {b['predicted_us']:,.0f} | "
+                       f"{b['floor_us']:,.0f} | {pct:.0f}% | {b['passes']:.2f} ({b.get('budget_passes') or '-'}) | "
+                       f"{f'{ev:.1f}' if ev else '-'} |")
+        st, mem = data.get("step") or {}, data.get("memory") or {}
+        if st:
+            heads.append(f"| {name} (batch {w['batch']}) | {st['predicted_ms']:.1f} ms | {st['floor_ms']:.1f} ms | "
+                         f"{st['images_per_s_predicted']:,.0f} | {st['dram_vs_eager']:.2f}x | "
+                         f"{mem.get('peak_ratio', 0):.2f}x | `{os.path.relpath(path, os.path.dirname(HERE))}` "
+                         f"(commit `{str(data['meta'].get('commit'))[:10]}`) |")
+    if heads:
+        out += ["", "| training step (layers only) | predicted | floor | img/s predicted | DRAM vs eager (target ≤ 0.45x) "
+                "| saved for backward vs eager (target ≤ 0.5x) | file |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        out += heads
+    if assumptions:
+        out += ["", "Assumptions:"] + [f"- {a}" for a in assumptions]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
@@ -233,15 +282,32 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the markdown here (default: print it)")
     ap.add_argument("--plot", default=None, help="write the plot here (PNG)")
     ap.add_argument("--readme", default=None, help="rewrite the README's section between the perf markers")
+    ap.add_argument("--static", action="store_true", help="the static-prediction table from "
+                    "bench/results/static-sm90-*.json (or FILES) instead; with --readme, between "
+                    f"{STATIC_START} and {STATIC_END}")
     args = ap.parse_args(argv)
+    if args.static:
+        paths = args.files or static_files()
+        if not paths:
+            print("no static-sm90-*.json in bench/results: run convmixer-kernels inspect --json first", file=sys.stderr)
+            return 1
+        text = static_table(paths)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        elif not args.readme:
+            print(text)
+        if args.readme:
+            rewrite_readme(args.readme, text, STATIC_START, STATIC_END)
+            print(f"{args.readme}: static prediction section rewritten", file=sys.stderr)
+        return 0
     files = args.files or default_files()
     if not files:
         msg = ("No GPU measurements recorded yet: bench/results/ holds no bench-*.json. Run `pytest bench/` on a "
                "CUDA GPU (scripts/gpu_session.sh bench) and then this script.")
         print(msg, file=sys.stderr)
         if args.readme:
-            rewrite_readme(args.readme, f"_{msg}_")
-            print(f"{args.readme}: performance section says so")
+            print(f"{args.readme}: left unchanged (nothing to summarize)", file=sys.stderr)
         return 1
     rows, metas = load(files)
     if not rows:

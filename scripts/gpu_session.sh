@@ -1,132 +1,102 @@
 #!/usr/bin/env bash
-# One GPU session in one device call: build, check, test, sanitize, benchmark, profile, summarize.
+# The 10-minute GPU kit for a lent machine: one H200, Python 3.12, torch 2.11.0+cu130, triton 3.6.0,
+# nothing installable there; 15 minutes of device time per session (start-up included), 10 minutes
+# per command, at most 8 files back.
 #
-#   bash scripts/gpu_session.sh [STAGE ...] [-- PYTEST_ARGS_FOR_BENCH ...]
+#   bash scripts/gpu_session.sh prebuild        # HERE (no GPU): cp312 wheel of the CUDA extension
+#                                               #   against torch 2.11.0+cu130, into .whl/ (carried)
+#   bash scripts/gpu_session.sh tier1           # on the GPU, first call (<= TIER1_BUDGET_S)
+#   bash scripts/gpu_session.sh tier2           # on the GPU, second call (<= TIER2_BUDGET_S)
+#   bash scripts/gpu_session.sh --dry-run tier1 # print what a tier would run, and its budget
 #
-# Stages (in this order, default: all of them while the time budget lasts):
-#   setup      pip install --no-build-isolation --no-deps -e . (CUDA extension forced when csrc/ has it)
-#   info       python -m convmixer_kernels info
-#   tests      the test suite on CUDA (python -m pytest tests)
-#   sanitizer  compute-sanitizer memcheck + racecheck on the CUDA-backend tests ($SANITIZER_TESTS)
-#   bench      pytest bench/ (PYTEST_ARGS_FOR_BENCH after "--", e.g. -k "not model")
-#   profile    convmixer-kernels profile --trace ($PROFILE_ARGS)
-#   summary    bench/summarize.py over this run's bench results
-#
-# A device call may run 10 minutes: every stage runs under `timeout` within BUDGET_S (default 560 s,
-# counted from the start), and the results are packed before the budget ends. Split a session
-# across calls, e.g.
-#   bash scripts/gpu_session.sh setup info tests sanitizer
-#   bash scripts/gpu_session.sh setup bench -- -k "not model"
-#   bash scripts/gpu_session.sh setup bench summary -- -k model --bench-configs 1536/20-k9-p7
-#   bash scripts/gpu_session.sh setup profile
-#
-# What comes back under $OUT (at most 8 files, one folder deep):
-#   stages.txt  bench-*.json  profile.json  profile.png  summary.md  summary.png  logs.tar.gz
-# (logs.tar.gz: every stage's log, profile.txt and the torch.profiler trace). Copy the JSON and
-# PNG files you keep into bench/results/ and run bench/summarize.py --readme README.md locally.
+# tier 1: install the prebuilt wheel (no compile), info, correctness of both blocks and the whole
+#   model on CUDA against the reference (tests/test_blocks.py, tests/test_model.py, every backend),
+#   headline timings (dw block, pw block, 1536/20 training step vs eager NCHW, eager channels_last,
+#   torch.compile; bounded autotuning) and `inspect --json` for predicted vs measured per kernel.
+# tier 2: the full pytest bench/, the profile sweep and plot, compute-sanitizer memcheck + racecheck
+#   on the CUDA tests.
+# Each tier runs its stages under `timeout` within its budget, prints a short table last and packs
+# at most 8 files into $OUT.
 set -u -o pipefail
 
-START_S=$(date +%s)
-BUDGET_S=${BUDGET_S:-560}
+TIER1_BUDGET_S=${TIER1_BUDGET_S:-300}
+TIER2_BUDGET_S=${TIER2_BUDGET_S:-540}
+PACK_S=25
 OUT=${OUT:-runs/gpu_session-$(date -u +%Y%m%dT%H%M%S)}
-SANITIZER_TESTS=${SANITIZER_TESTS:-tests/test_blocks.py -k cuda}
-PROFILE_ARGS=${PROFILE_ARGS:-}
-ALL_STAGES="setup info tests sanitizer bench profile summary"
+WHEELS=${WHEELS:-.whl}
+TORCH_GPU=${TORCH_GPU:-torch==2.11.0+cu130}
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu130}
+PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12*/bin/python3.12")}
 
-stages=()
-bench_args=()
-while [ $# -gt 0 ]; do
-  if [ "$1" = "--" ]; then shift; bench_args=("$@"); break; fi
-  case " $ALL_STAGES all " in
-    *" $1 "*) stages+=("$1") ;;
-    *) echo "unknown stage '$1'; stages: $ALL_STAGES (or all)" >&2; exit 2 ;;
+TIER1_STAGES=(install info correctness timings inspect)
+TIER2_STAGES=(install bench profile sanitizer)
+
+stage_cmd() {  # the command line of a stage (what --dry-run prints)
+  case $1 in
+    install) echo "python -m pip install --no-deps --no-index --find-links $WHEELS convmixer-kernels || CONVMIXER_KERNELS_FORCE_BUILD=0 python -m pip install --no-build-isolation --no-deps -e ." ;;
+    info) echo "python -m convmixer_kernels info" ;;
+    correctness) echo "python -m pytest -q -x -p no:cacheprovider tests/test_blocks.py tests/test_model.py" ;;
+    timings) echo "python -m pytest -q -p no:cacheprovider bench/test_depthwise_block.py bench/test_pointwise_block.py bench/test_model.py --bench-configs 1536/20-k9-p7 --bench-rep-ms 100 --bench-out \$RUN/results -k 'not infer'" ;;
+    inspect) echo "python -m convmixer_kernels inspect --backend triton --json \$RUN/static-sm90-measured-run.json" ;;
+    bench) echo "python -m pytest -q -p no:cacheprovider bench/ --bench-out \$RUN/results" ;;
+    profile) echo "python -m convmixer_kernels profile --trace --out \$RUN/profile" ;;
+    sanitizer) echo "compute-sanitizer --tool memcheck --error-exitcode 99 python -m pytest -q -x -p no:cacheprovider tests/test_blocks.py -k cuda && compute-sanitizer --tool racecheck --error-exitcode 99 python -m pytest -q -x -p no:cacheprovider tests/test_blocks.py -k cuda" ;;
   esac
-  shift
-done
-if [ ${#stages[@]} -eq 0 ] || [ "${stages[*]}" = "all" ]; then read -r -a stages <<< "$ALL_STAGES"; fi
+}
 
+prebuild() {  # HERE: a cp312 wheel of the package with the CUDA extension, against the GPU image's torch
+  local venv=${PREBUILD_VENV:-/tmp/cmk-prebuild-py312}
+  # shellcheck disable=SC2086
+  $PY312 -m venv "$venv" && "$venv/bin/pip" install -q "$TORCH_GPU" --index-url "$TORCH_INDEX" &&
+  "$venv/bin/pip" install -q setuptools wheel ninja numpy &&
+  CONVMIXER_KERNELS_FORCE_BUILD=1 CONVMIXER_KERNELS_CUDA_ARCHS=90 MAX_JOBS=2 \
+    "$venv/bin/pip" wheel --no-build-isolation --no-deps -w "$WHEELS" . &&
+  du -sh "$WHEELS" && echo "carry $WHEELS with the device call (<= 64 MiB)"
+}
+
+dry=0
+[ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
+tier=${1:-}
+case $tier in
+  prebuild) if [ $dry -eq 1 ]; then echo "prebuild (here, no GPU): $TORCH_GPU for cp312 from $TORCH_INDEX; pip wheel -> $WHEELS"; exit 0; fi
+            prebuild; exit $? ;;
+  tier1) stages=("${TIER1_STAGES[@]}"); budget=$TIER1_BUDGET_S ;;
+  tier2) stages=("${TIER2_STAGES[@]}"); budget=$TIER2_BUDGET_S ;;
+  *) echo "usage: $0 [--dry-run] prebuild|tier1|tier2" >&2; exit 2 ;;
+esac
+
+if [ $dry -eq 1 ]; then
+  echo "$tier budget_s=$budget pack_s=$PACK_S max_files=8"
+  for s in "${stages[@]}"; do echo "  $s: $(stage_cmd "$s")"; done
+  exit 0
+fi
+
+START_S=$(date +%s)
 mkdir -p "$OUT"
 RUN=$(mktemp -d)
+export RUN
 mkdir -p "$RUN/logs" "$RUN/results" "$RUN/profile"
 STATUS="$RUN/stages.txt"
-printf '%-10s %6s %8s  %s\n' stage rc seconds note > "$STATUS"
-
-remaining() { echo $(( BUDGET_S - ($(date +%s) - START_S) )); }
-
-# run_stage NAME COMMAND...: under timeout (the budget left, less 25 s for packing), logged
-run_stage() {
-  local name=$1; shift
-  local left=$(( $(remaining) - 25 ))
-  if [ "$left" -lt 10 ]; then
-    printf '%-10s %6s %8s  %s\n' "$name" - 0 "not run: time budget spent" >> "$STATUS"
-    return 0
-  fi
-  echo "=== $name (up to ${left}s): $*"
-  local t0=$(date +%s) rc
-  timeout --kill-after=10 "$left" "$@" > "$RUN/logs/$name.log" 2>&1
+printf '%-12s %6s %8s  %s\n' stage rc seconds note > "$STATUS"
+for s in "${stages[@]}"; do
+  left=$(( budget - PACK_S - ($(date +%s) - START_S) ))
+  if [ "$left" -lt 10 ]; then printf '%-12s %6s %8s  %s\n' "$s" - 0 "not run: budget spent" >> "$STATUS"; continue; fi
+  echo "=== $s (up to ${left}s)"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$left" bash -c "$(stage_cmd "$s")" > "$RUN/logs/$s.log" 2>&1
   rc=$?
-  local note=""
-  [ $rc -eq 124 ] && note="timed out"
-  tail -n 15 "$RUN/logs/$name.log"
-  printf '%-10s %6s %8s  %s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$note" >> "$STATUS"
-  return 0
-}
-
-stage_setup() {
-  local force=0
-  [ -f csrc/build_cuda.py ] && force=1
-  [ $force -eq 0 ] && echo "csrc/build_cuda.py is missing: installing without the CUDA extension"
-  CONVMIXER_KERNELS_FORCE_BUILD=$force CONVMIXER_KERNELS_CUDA_ARCHS=${CONVMIXER_KERNELS_CUDA_ARCHS:-90} \
-    MAX_JOBS=${MAX_JOBS:-12} python -m pip install --no-build-isolation --no-deps -e . &&
-  python -c "import convmixer_kernels, torch; print('convmixer_kernels', convmixer_kernels.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-}
-
-stage_sanitizer() {
-  if ! command -v compute-sanitizer > /dev/null; then echo "compute-sanitizer not found"; return 3; fi
-  local rc=0
-  for tool in memcheck racecheck; do
-    echo "--- compute-sanitizer --tool $tool: pytest $SANITIZER_TESTS"
-    # shellcheck disable=SC2086  # SANITIZER_TESTS is a list of pytest arguments
-    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
-      python -m pytest -q -x -p no:cacheprovider $SANITIZER_TESTS || rc=$?
-  done
-  return $rc
-}
-
-export -f stage_setup stage_sanitizer  # run_stage runs them under `timeout bash -c`
-export SANITIZER_TESTS
-for stage in "${stages[@]}"; do
-  case $stage in
-    setup) run_stage setup bash -c stage_setup ;;
-    info) run_stage info python -m convmixer_kernels info ;;
-    tests) run_stage tests python -m pytest -q -p no:cacheprovider tests ;;
-    sanitizer) run_stage sanitizer bash -c stage_sanitizer ;;
-    bench) run_stage bench python -m pytest -q -p no:cacheprovider bench/ --bench-out "$RUN/results" \
-             "${bench_args[@]}" ;;
-    # shellcheck disable=SC2086  # PROFILE_ARGS is a list of arguments
-    profile) run_stage profile python -m convmixer_kernels profile --trace --out "$RUN/profile" $PROFILE_ARGS ;;
-    summary)
-      if ls "$RUN"/results/bench-*.json > /dev/null 2>&1; then
-        run_stage summary python bench/summarize.py "$RUN"/results/bench-*.json --out "$RUN/summary.md" \
-          --plot "$RUN/summary.png"
-      else
-        printf '%-10s %6s %8s  %s\n' summary - 0 "no bench results in this run" >> "$STATUS"
-      fi ;;
-  esac
+  tail -n 8 "$RUN/logs/$s.log"
+  printf '%-12s %6s %8s  %s\n' "$s" "$rc" "$(( $(date +%s) - t0 ))" "$([ $rc -eq 124 ] && echo 'timed out')" >> "$STATUS"
 done
-
-# pack: the few files worth reading directly, everything else in one archive
+# pack (<= 8 files): results, the static JSON, summary, stages, logs archive
 cp "$RUN"/results/bench-*.json "$OUT"/ 2> /dev/null
-for f in profile/profile.json profile/profile.png summary.md summary.png stages.txt; do
+for f in static-sm90-measured-run.json profile/profile.json profile/profile.png stages.txt; do
   [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
 done
-tar -czf "$OUT/logs.tar.gz" -C "$RUN" logs $(cd "$RUN" && ls profile/profile.txt profile/trace.json 2> /dev/null)
+ls "$RUN"/results/bench-*.json > /dev/null 2>&1 && python bench/summarize.py "$RUN"/results/bench-*.json --out "$OUT/summary.md" 2> /dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$RUN" logs
 rm -rf "$RUN"
-
 echo
-if [ -f "$OUT/summary.md" ]; then
-  sed -n '/\*\*Targets\*\*/,/\*\*Details\*\*/p' "$OUT/summary.md" | grep -v '^\*\*Details'
-fi
+[ -f "$OUT/summary.md" ] && sed -n '/\*\*Targets\*\*/,/\*\*All workloads/p' "$OUT/summary.md"
 echo "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
-echo
 cat "$OUT/stages.txt"
