@@ -16,17 +16,19 @@ does not support one particular call (say a dtype) falls back to "torch" and log
 a warning once per reason. ``CONVMIXER_KERNELS_STRICT=1`` turns that fallback into
 an error (benchmarks use it so they never time the wrong thing).
 
-Each op module registers its implementations with ``register_op``; the
-implementation for a backend is imported lazily, so a missing Triton or an
-unbuilt extension never breaks the torch path.
+Each op's interface file (``ops/depthwise_block.py``, ``ops/pointwise_block.py``)
+registers its contract with ``register_op``: the reference, the fused entry point and
+the module of each fused backend, imported lazily, so a missing Triton or an unbuilt
+extension never breaks the torch path.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -118,95 +120,111 @@ def environment_reason(backend: str, device: torch.device, *, auto: bool = False
 
 
 @dataclass
-class OpImplementation:
-    """Where a backend's implementation of an op lives, and what it supports.
+class OpEntry:
+    """One op's contract (see ops/depthwise_block.py): its reference, the function that runs it on a
+    fused backend (the reference's signature plus ``backend=``), the contract's own limits, and the
+    module of each fused backend ("module.path", imported on first use, so a missing Triton or an
+    unbuilt extension never breaks the torch path)."""
 
-    ``target`` is the function, or "module:function" to import on first use (for an
-    implementation whose module should not load until it runs). ``unsupported`` maps a
-    call's configuration to a reason string, or None when the call is supported.
-    """
-
-    target: Union[str, Callable]
-    unsupported: Callable[..., Optional[str]] = lambda **config: None
-
-    def load(self) -> Callable:
-        if isinstance(self.target, str):  # resolved once, outside any torch.compile trace in practice
-            module_name, fn_name = self.target.split(":")
-            self.target = getattr(importlib.import_module(module_name), fn_name)
-        return self.target
+    reference: Callable
+    fused: Callable
+    unsupported: Callable[..., Optional[str]]
+    kernels: Dict[str, str]
+    loaded: Dict[str, object] = field(default_factory=dict)
 
 
-_REGISTRY: Dict[str, Dict[str, OpImplementation]] = {}
+_REGISTRY: Dict[str, OpEntry] = {}
 
 
-def register_op(op: str, backend: str, target: Union[str, Callable],
-                unsupported: Optional[Callable[..., Optional[str]]] = None):
-    """Register ``backend``'s implementation of ``op``. A "module:function" string naming a module
-    that is already (being) imported - the usual case, an op file registering its own
-    functions at its bottom - is resolved now, so torch.compile never traces an import."""
-    validate_backend_name(backend)
-    if isinstance(target, str):
-        module_name, fn_name = target.split(":")
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, fn_name):
-            target = getattr(module, fn_name)
-    _REGISTRY.setdefault(op, {})[backend] = OpImplementation(target, unsupported or (lambda **config: None))
+def register_op(op: str, *, reference: Callable, fused: Callable, unsupported: Callable[..., Optional[str]],
+                kernels: Dict[str, str]) -> None:
+    for backend in kernels:
+        validate_backend_name(backend)
+    _REGISTRY[op] = OpEntry(reference, fused, unsupported, dict(kernels))
 
 
 def implemented_backends(op: str):
-    return [b for b in BACKENDS if b in _REGISTRY.get(op, {})]
+    entry = _REGISTRY.get(op)
+    return [b for b in BACKENDS if b == "torch" or (entry is not None and b in entry.kernels)]
+
+
+def kernels(op: str, backend: str):
+    """The module implementing ``op``'s launchers on ``backend`` (imported once)."""
+    entry = _REGISTRY[op]
+    module = entry.loaded.get(backend)
+    if module is None:
+        if backend not in entry.kernels:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} is not implemented for this op; "
+                                          f"use one of {implemented_backends(op)}")
+        module = entry.loaded[backend] = importlib.import_module(entry.kernels[backend])
+    return module
 
 
 def _call_reason(op: str, backend: str, device, config: dict, auto: bool) -> Optional[str]:
-    impl = _REGISTRY.get(op, {}).get(backend)
-    if impl is None:
-        return f"no {backend} implementation of {op} yet"
+    """Why ``backend`` cannot run this call of ``op`` (environment, then the contract, then the backend)."""
+    if backend not in implemented_backends(op):
+        return f"no {backend} implementation of {op}"
     reason = environment_reason(backend, device, auto=auto)
-    if reason:
+    if reason or backend == "torch":
         return reason
-    return impl.unsupported(**config)
+    return _REGISTRY[op].unsupported(**config) or kernels(op, backend).unsupported(**config)
 
 
 _warned: set = set()
 
 
-def _fallback(op: str, backend: str, reason: str) -> str:
-    if os.environ.get(ENV_STRICT, "0") not in ("", "0"):
+def _fallback(op: str, backend: str, reason: str, to: str = "torch") -> str:
+    if strict():
         raise BackendUnavailableError(f"{op}: backend {backend!r} does not support this call: {reason} "
                                       f"({ENV_STRICT} is set, so no fallback)")
     key = (op, backend, reason)
     if key not in _warned:
         _warned.add(key)
-        log_event(logging.WARNING, "%s: backend %r does not support this call (%s); falling back to 'torch'",
-                  op, backend, reason)
-    return "torch"
+        log_event(logging.WARNING, "%s: backend %r does not support this call (%s); falling back to %r",
+                  op, backend, reason, to)
+    return to
+
+
+def strict() -> bool:
+    return os.environ.get(ENV_STRICT, "0") not in ("", "0")
+
+
+def _auto(op: str, device, config: dict) -> str:
+    for name in PREFERENCE:
+        reason = _call_reason(op, name, device, config, auto=True)
+        if reason is None:
+            return name
+        log_event(logging.DEBUG, "%s: auto skipped backend %r: %s", op, name, reason)
+    raise AssertionError("the torch backend always runs")  # pragma: no cover
 
 
 def choose_backend(op: str, requested: str, device, **config) -> str:
-    """Pick the backend that runs one call of ``op``; see the module docstring for the rules."""
+    """Pick the backend that runs one call of ``op``; see the module docstring for the rules.
+
+    A backend asked for by name that has no implementation of this op (the pointwise block on
+    "cuda") runs what "auto" would choose instead, logged once; the module's ``last_backend`` says so.
+    """
     requested = requested_backend(requested)
     if requested == "auto":
-        for name in PREFERENCE:
-            reason = _call_reason(op, name, device, config, auto=True)
-            if reason is None:
-                return name
-            log_event(logging.DEBUG, "%s: auto skipped backend %r: %s", op, name, reason)
-        raise AssertionError("the torch backend always runs")  # pragma: no cover
+        return _auto(op, device, config)
     reason = environment_reason(requested, device)
     if reason:
         raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run here: {reason}")
-    impl = _REGISTRY.get(op, {}).get(requested)
-    if impl is None:
-        raise BackendUnavailableError(f"{op}: backend {requested!r} is not implemented for this op; "
-                                      f"use backend='auto' or one of {implemented_backends(op)}")
-    reason = impl.unsupported(**config)
+    if requested not in implemented_backends(op):
+        choice = _auto(op, device, config)
+        return _fallback(op, requested, f"{op} has no {requested} implementation", to=choice)
+    reason = _call_reason(op, requested, device, config, auto=False)
     if reason:
         return _fallback(op, requested, reason)
     return requested
 
 
 def implementation(op: str, backend: str) -> Callable:
-    return _REGISTRY[op][backend].load()
+    """``op`` on ``backend`` with the reference's signature (the reference itself for "torch")."""
+    entry = _REGISTRY[op]
+    if backend == "torch":
+        return entry.reference
+    return functools.partial(entry.fused, backend=backend)
 
 
 def explain_backends(device=None) -> Dict[str, Optional[str]]:

@@ -97,6 +97,7 @@ class _FusedBase:
         self.backend = validate_backend_name(backend)
         self.last_backend: Optional[str] = None
         self._warned_problem = False
+        self._verdicts: dict = {}  # backend choices per call signature (ops/dispatch.py: run_block)
 
     def _structure_changed(self, problem: str) -> None:
         if not self._warned_problem:
@@ -115,7 +116,8 @@ def _pointwise_forward(owner: _FusedBase, conv: nn.Conv2d, act: nn.Module, bn: n
             owner._structure_changed(problem)
         return bn(act(conv(x)))
     z, owner.last_backend = pointwise_block(x, conv.weight, conv.bias, batchnorm_call(bn),
-                                            activation=activation_name(act), backend=owner.backend)
+                                            activation=activation_name(act), backend=owner.backend,
+                                            verdicts=owner._verdicts)
     return z
 
 
@@ -168,7 +170,7 @@ class FusedDepthwiseBlock(nn.Module, _FusedBase):
             return self.fn(x) + x
         y, self.last_backend = depthwise_block(x, conv.weight, conv.bias, batchnorm_call(bn),
                                                activation=activation_name(act), padding=conv.padding,
-                                               backend=self.backend)
+                                               backend=self.backend, verdicts=self._verdicts)
         return y
 
     def extra_repr(self) -> str:

@@ -2,6 +2,7 @@
 import logging
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ def fake_op(monkeypatch):
     registry = dict(backends._REGISTRY)
     monkeypatch.setattr(backends, "_REGISTRY", registry)
     monkeypatch.setattr(backends, "_warned", set())
-    backends.register_op("fake_op", "torch", "torch:neg")
-    backends.register_op("fake_op", "triton", "torch:neg",
-                         lambda x, **_: "odd channel count" if x.shape[1] % 2 else None)
+    kernels = types.ModuleType("fake_triton_kernels")
+    kernels.unsupported = lambda x=None, **_: "odd channel count" if x.shape[1] % 2 else None
+    monkeypatch.setitem(sys.modules, "fake_triton_kernels", kernels)
+    backends.register_op("fake_op", reference=torch.neg, fused=lambda x, backend: -x,
+                         unsupported=lambda **_: None, kernels={"triton": "fake_triton_kernels"})
     return "fake_op"
 
 
@@ -88,10 +91,17 @@ def test_auto_skips_with_debug_log(monkeypatch, fake_op, caplog):
     assert "auto skipped backend 'cuda'" in caplog.text
 
 
-def test_unimplemented_backend_request_raises(monkeypatch, fake_op):
+def test_unimplemented_backend_request_runs_auto_and_says_so(monkeypatch, fake_op, caplog):
+    """A backend asked for by name that has no implementation of this op (the pointwise block on
+    "cuda") runs what auto would choose, logged once; strict mode refuses instead."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    backends.register_op("torch_only_op", "torch", "torch:neg")
-    with pytest.raises(BackendUnavailableError, match="not implemented"):
+    backends.register_op("torch_only_op", reference=torch.neg, fused=lambda x, backend: -x,
+                         unsupported=lambda **_: None, kernels={})
+    with caplog.at_level(logging.WARNING, logger="convmixer_kernels"):
+        assert backends.choose_backend("torch_only_op", "triton", torch.device("cpu")) == "torch"
+    assert "torch_only_op has no triton implementation" in caplog.text
+    monkeypatch.setenv("CONVMIXER_KERNELS_STRICT", "1")
+    with pytest.raises(BackendUnavailableError, match="no triton implementation"):
         backends.choose_backend("torch_only_op", "triton", torch.device("cpu"))
 
 

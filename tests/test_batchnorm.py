@@ -9,10 +9,21 @@ from convmixer_kernels import backends
 from convmixer_kernels.ops import batchnorm as bnops
 from harness import DEVICE
 
-FINALIZERS = {"reference": bnops.finalize_reference}
+
+
+def _finalizer(finalize):
+    """A backend's finalize followed by the one running-buffer update: (mean, rstd, scale, shift)."""
+    def run(partials, call):
+        fin = finalize(partials, call.weight, call.bias, call.eps)
+        bnops.update_running_stats(call, fin)
+        return fin[bnops.MEAN], fin[bnops.RSTD], fin[bnops.SCALE], fin[bnops.SHIFT]
+    return run
+
+
+FINALIZERS = {"reference": _finalizer(bnops.finalize_reference)}
 if backends.environment_reason("triton", DEVICE) is None:
-    from convmixer_kernels.ops.batchnorm_triton import finalize_triton
-    FINALIZERS["triton"] = finalize_triton
+    from convmixer_kernels.ops.triton.batchnorm import finalize as finalize_triton
+    FINALIZERS["triton"] = _finalizer(finalize_triton)
 
 
 BN_VARIANTS = {
@@ -109,5 +120,5 @@ def test_finalize_reference_and_triton_agree():
     torch.manual_seed(2)
     p = bnops.tile_partials_reference(torch.randn(2, 7, 6, 6).to(DEVICE) * 4, 5)
     call = bnops.BatchNormCall(None, None, None, None, True, 0.1, 1e-5)
-    for x, y in zip(bnops.finalize_reference(p, call), FINALIZERS["triton"](p, call)):
+    for x, y in zip(FINALIZERS["reference"](p, call), FINALIZERS["triton"](p, call)):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

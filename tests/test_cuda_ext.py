@@ -1,4 +1,4 @@
-"""The CUDA extension backend of the depthwise block (csrc/, convmixer_kernels/ops/depthwise_block_cuda.py).
+"""The CUDA extension backend of the depthwise block (csrc/, convmixer_kernels/ops/cuda/depthwise.py).
 
 Without a GPU this tests:
 * the build switches of csrc/build_cuda.py, the missing-extension error, the version and
@@ -13,6 +13,7 @@ On a machine with a GPU and the extension built, the same block tests also run o
 from __future__ import annotations
 
 import importlib.util
+import functools
 import os
 import shutil
 import subprocess
@@ -278,10 +279,19 @@ def kernels(request, monkeypatch):
     return torch.device("cpu"), module
 
 
-def _dbc():
-    from convmixer_kernels.ops import depthwise_block_cuda
+class _CudaBackend:
+    """The depthwise block on the "cuda" backend, called as the reference is (the op contract's entry point)."""
 
-    return depthwise_block_cuda
+    def __init__(self):
+        from convmixer_kernels.ops import depthwise_block
+        from convmixer_kernels.ops.cuda import depthwise
+
+        self.depthwise_block_cuda = functools.partial(depthwise_block.depthwise_block_fused, backend="cuda")
+        self.unsupported = lambda **config: depthwise_block.unsupported(**config) or depthwise.unsupported(**config)
+
+
+def _dbc():
+    return _CudaBackend()
 
 
 def _randn(shape, seed, scale=1.0):
@@ -403,7 +413,7 @@ def test_backward_groups_loop_over_several_tiles(kernels):
 
 def test_batch_statistics_partials_follow_the_shared_format(kernels):
     """[3, T, C] (count, mean, M2) per tile; combine == ops.batchnorm.finalize_reference's tile order."""
-    from convmixer_kernels.ops.batchnorm import BatchNormCall, finalize_reference
+    from convmixer_kernels.ops.batchnorm import finalize_reference
 
     device, ext = kernels
     x, w, b, *_ = _problem(2, 5, 9, 10, 3, 3)
@@ -413,8 +423,7 @@ def test_batch_statistics_partials_follow_the_shared_format(kernels):
     g = F.relu(a.double())
     assert torch.equal(partials[0].sum(0).double(), torch.full((5,), 2.0 * 9 * 10, dtype=torch.float64))
     combined = ext.combine(partials)
-    call = BatchNormCall(None, None, None, None, True, 0.1, 1e-5)
-    for got, want in zip(finalize_reference(combined, call), finalize_reference(partials, call)):
+    for got, want in zip(finalize_reference(combined, None, None, 1e-5), finalize_reference(partials, None, None, 1e-5)):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(combined[1, 0].double(), g.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(combined[2, 0].double(), g.var((0, 2, 3), unbiased=False) * 180, rtol=1e-5, atol=1e-5)
@@ -472,47 +481,136 @@ def test_nan_propagates_like_the_reference(kernels):
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
 
 
-def test_ops_pass_opcheck(kernels):
-    """Schema, fake (meta) implementation and autograd registration of both torch.library ops."""
-    device, _ = kernels
-    dbc = _dbc()
-    x, w, b, g, beta, rm, rv = (t.float().to(device) for t in _problem(1, 4, 5, 6, 3, 3))
-    x.requires_grad_(True)
-    torch.library.opcheck(dbc.depthwise_block_cuda_op,
-                          (x, w, b, g, beta, rm, rv, True, 1e-5, "gelu", 1, 1, True))
-    torch.library.opcheck(dbc.depthwise_block_cuda_op,
-                          (x.detach(), w, None, None, None, rm, rv, False, 1e-5, "relu", 1, 1, False))
-    a = torch.randn_like(x)
-    stats = torch.rand(4, device=device) + 0.5
-    torch.library.opcheck(dbc.depthwise_block_cuda_backward_op,
-                          (torch.randn_like(x), x.detach(), w, g, a, stats - 0.5, stats, True, "gelu_tanh", 1, 1))
+def _conv_reference(x, w, b, pad_top, pad_left):
+    """float64 a = conv(x, w) + b with the 'same' padding (pad_top, pad_left) on the left/top side."""
+    KH, KW = w.shape[2:]
+    padded = F.pad(x.double(), (pad_left, KW - 1 - pad_left, pad_top, KH - 1 - pad_top))
+    return F.conv2d(padded, w.double(), b.double(), groups=x.shape[1])
 
 
-def test_torch_compile_fullgraph(kernels):
-    device, _ = kernels
-    dbc = _dbc()
-    x, w, b, g, beta, rm, rv = (t.float().to(device) for t in _problem(2, 8, 6, 7, 5, 5))
+def _rel(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
-    def step(x, w, b, g, beta, rm, rv):
-        x, w, b, g, beta = (t.detach().clone().requires_grad_(True) for t in (x, w, b, g, beta))
-        y = dbc.depthwise_block_cuda(x, w, b, g, beta, rm, rv, True, 0.1, 1e-5, activation="gelu", padding="same")
-        y.square().sum().backward()
-        return y, x.grad, w.grad, b.grad, g.grad, beta.grad
 
-    def block(x, w, b, g, beta, rm, rv):
-        return dbc.depthwise_block_cuda(x, w, b, g, beta, rm, rv, True, 0.1, 1e-5, activation="gelu",
-                                        padding="same")
+# Every kernel size 1..31 on both layouts (odd and even, k > H and W; channels_last k >= 13 takes
+# the 8-channel large tile), plus rectangular kernels; float32 here, 16-bit dtypes below.
+KERNEL_SIZES = [(k, k) for k in range(1, 32)] + [(3, 7), (9, 2), (13, 31), (31, 12)]
 
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    rm_e, rv_e, rm_c, rv_c = rm.clone(), rv.clone(), rm.clone(), rv.clone()
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, g, beta)]
-    y_c = compiled(*leaves, rm_c, rv_c)
-    y_c.square().sum().backward()
-    eager = step(x, w, b, g, beta, rm_e, rv_e)
-    for got, want in zip([y_c] + [t.grad for t in leaves], eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(rm_c, rm_e)
-    torch.testing.assert_close(rv_c, rv_e)
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("KH, KW", KERNEL_SIZES)
+def test_conv_kernels_every_kernel_size(kernels, layout, KH, KW):
+    device, ext = kernels
+    N, C, H, W = 1, 10, 5, 7  # C: not a multiple of the 8- or 32-channel block
+    x, w, b, *_ = _problem(N, C, H, W, KH, KW, seed=KH * 37 + KW)
+    x, w, b = (t.float().to(device) for t in (x, w, b))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pt, pl = (KH - 1) // 2, (KW - 1) // 2
+    dy = _randn(x.shape, 11).float().to(device)
+    coef = (1.0 + _randn(C, 12, 0.3)).float().to(device)
+    zeros = torch.zeros(C, device=device)
+    a, _ = ext.forward(x, w, b, None, None, 0, pt, pl, True)
+    dx, dw_part, db_part = ext.backward(dy, a, x, w, zeros, coef, zeros, zeros, 0, pt, pl, False)
+    assert dw_part.shape[2:] == (C, KH, KW) and db_part.shape[2:] == (C,)
+    a_ref = _conv_reference(x, w, b, pt, pl)
+    dx_ref, dw_ref, db_ref = _conv_backward_reference_given_a(x, w, a, dy, coef, pt, pl)  # the backward reads this a
+    assert _rel(a, a_ref) < 2e-6
+    assert _rel(dx, dx_ref) < 2e-6
+    assert _rel(dw_part.sum((0, 1)), dw_ref) < 2e-6
+    assert _rel(db_part.sum((0, 1)), db_ref) < 2e-6
+    assert dx.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def _conv_backward_reference_given_a(x, w, a, dy, coef_dy, pad_top, pad_left):
+    """float64 (dx, dw, db) from the kernel's own stored a (so only the backward's arithmetic is compared)."""
+    KH, KW = w.shape[2:]
+    ad = a.double().requires_grad_(True)
+    da = torch.autograd.grad(F.gelu(ad), ad, dy.double() * coef_dy.double().view(1, -1, 1, 1))[0]
+    xd = x.double().requires_grad_(True)
+    wd = w.double().requires_grad_(True)
+    bd = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(F.pad(xd, (pad_left, KW - 1 - pad_left, pad_top, KH - 1 - pad_top)), wd, bd, groups=x.shape[1])
+    gx, gw, gb = torch.autograd.grad(out, (xd, wd, bd), da)
+    return dy.double() + gx, gw[:, 0], gb
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("k", [4, 9, 17, 31])
+def test_conv_kernels_half_precision(kernels, dtype, layout, k):
+    """16-bit storage, fp32 arithmetic: within a few storage roundings of float64 (C = 16: vector loads)."""
+    device, ext = kernels
+    N, C, H, W = 1, 16, 6, 5
+    x, w, b, *_ = _problem(N, C, H, W, k, k, seed=k)
+    x, w, b = (t.to(device, dtype) for t in (x, w, b))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pt = (k - 1) // 2
+    dy = _randn(x.shape, 13).to(device, dtype)
+    coef = torch.ones(C, device=device)
+    zeros = torch.zeros(C, device=device)
+    a, _ = ext.forward(x, w, b, None, None, 0, pt, pt, True)
+    dx, dw_part, db_part = ext.backward(dy, a, x, w, zeros, coef, zeros, zeros, 0, pt, pt, False)
+    a_ref = _conv_reference(x, w, b, pt, pt)
+    dx_ref, dw_ref, db_ref = _conv_backward_reference_given_a(x, w, a, dy, coef, pt, pt)
+    eps = 2.0 ** -8 if dtype == BF16 else 2.0 ** -11  # one storage rounding
+    assert _rel(a, a_ref) < 2 * eps
+    assert _rel(dx, dx_ref) < 2 * eps
+    assert _rel(dw_part.sum((0, 1)), dw_ref) < 1e-5  # fp32 partials of exactly stored inputs
+    assert _rel(db_part.sum((0, 1)), db_ref) < 1e-5
+
+
+def test_large_kernel_backward_is_deterministic_and_one_pass(kernels):
+    """channels_last k = 31 (8-channel tile, one pass): bitwise equal runs, several tiles per block."""
+    device, ext = kernels
+    x, w, b, *_ = _problem(3, 8, 20, 18, 31, 31)
+    x = x.float().to(device).contiguous(memory_format=torch.channels_last)
+    w, b = w.float().to(device), b.float().to(device)
+    a, _ = ext.forward(x, w, b, None, None, 0, 15, 15, True)
+    dy = _randn(x.shape, 5).float().to(device)
+    ones, zeros = torch.ones(8, device=device), torch.zeros(8, device=device)
+    runs = [ext.backward(dy, a, x, w, zeros, ones, zeros, zeros, 0, 15, 15, False) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    dx_ref, dw_ref, db_ref = _conv_backward_reference_given_a(x, w, a, dy, ones, 15, 15)
+    dx, dw_part, db_part = runs[0]
+    assert dw_part.shape[0] < 3 * 2 * 2  # each block visits several tiles
+    assert _rel(dx, dx_ref) < 2e-6 and _rel(dw_part.sum((0, 1)), dw_ref) < 2e-6 and _rel(db_part.sum((0, 1)), db_ref) < 2e-6
+    assert ext.config_error(1, 8, 6, 6, 32, 32, True) != ""  # k = 32 would need a second pass
+
+
+def test_combine_tree_matches_the_sequential_order(kernels):
+    """The parallel fixed-shape combine: the float64 totals of (count, mean, M2), bitwise stable run to run."""
+    device, ext = kernels
+    T, C = 1000, 37  # not a multiple of the combine's slices or channel block
+    g = torch.Generator().manual_seed(3)
+    count = torch.randint(1, 65, (T, C), generator=g).float()
+    mean = torch.randn(T, C, generator=g) * 3 + 1
+    m2 = torch.rand(T, C, generator=g) * count
+    partials = torch.stack([count, mean, m2]).to(device)
+    out = ext.combine(partials)
+    assert out.shape == (3, 1, C) and torch.equal(out, ext.combine(partials))
+    n = count.double().sum(0)
+    mu = (count.double() * mean.double()).sum(0) / n
+    total_m2 = m2.double().sum(0) + (count.double() * (mean.double() - mu) ** 2).sum(0)
+    torch.testing.assert_close(out[0, 0].double(), n)
+    torch.testing.assert_close(out[1, 0].double(), mu, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[2, 0].double(), total_m2, rtol=1e-5, atol=1e-3)
+
+
+def test_cpu_tensors_are_refused_before_the_device_guard(kernels):
+    """A tensor on the wrong device gets a message naming the argument and its device."""
+    device, ext = kernels
+    wrong = torch.device("meta") if device.type == "cpu" else torch.device("cpu")
+    x = torch.randn(1, 4, 5, 5, device=wrong)
+    w = torch.randn(4, 1, 3, 3, device=wrong)
+    with pytest.raises(RuntimeError, match=rf"the input must .* got .*{wrong.type}"):
+        ext.forward(x, w, None, None, None, 0, 1, 1, True)
+    with pytest.raises(RuntimeError, match=rf"the statistics partials must .* got .*{wrong.type}"):
+        ext.combine(torch.zeros(3, 2, 4, device=wrong))
+    with pytest.raises(RuntimeError, match=rf"the pre-activation a must .* got .*{wrong.type}"):
+        ext.grad_reduce(x, x, torch.zeros(4, device=wrong), 0)
 
 
 # ------------------------------------------------------------------ errors and fallbacks
@@ -559,8 +657,9 @@ def test_unsupported_without_extension_names_the_build_command(fresh_loader, mon
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
     monkeypatch.setattr(_cuda_ext.importlib, "import_module", not_built)
-    from convmixer_kernels.ops import depthwise_block_cuda as dbc
     from convmixer_kernels.ops.batchnorm import BatchNormCall
+
+    dbc = _dbc()
 
     x = torch.randn(2, 4, 5, 5)
     reason = dbc.unsupported(x=x, weight=torch.randn(4, 1, 3, 3), bn=BatchNormCall(None, None, None, None, True, 0.1,

@@ -7,6 +7,7 @@ stay tiny; every comparison is against the float64 reference under verify.py's r
 """
 import contextlib
 import copy
+import functools
 import os
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 from convmixer_kernels import ConvMixer, FusedDepthwiseBlock
 from convmixer_kernels.ops import alloc, tuning
 from convmixer_kernels.ops import depthwise_block as D
+from convmixer_kernels.ops.triton import common as TC
+from convmixer_kernels.ops.triton import depthwise as TD
 from convmixer_kernels.ops.batchnorm import BatchNormCall
 from convmixer_kernels.verify import compare, compare_train_then_eval, format_rows, three_copies
 from harness import DEVICE, ON_GPU, backends_under_test, check_block, fuser, make_block, make_inputs
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.skipif("triton" not in backends_under_test(D.OP),
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (these shapes are too large for the interpreter)")
 
 OP_FWD = torch.ops.convmixer_kernels.depthwise_block_fwd
+TRITON = functools.partial(D.depthwise_block_fused, backend="triton")
 OP_BWD = torch.ops.convmixer_kernels.depthwise_block_bwd
 
 
@@ -62,7 +66,7 @@ def _step(fn, x, params, dy, *, train, activation="gelu", padding="same", moment
 
 def _check_against_float64(x, params, *, train, activation="gelu", padding="same", seed=3):
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    got = _step(D.depthwise_block_triton, x, params, dy, train=train, activation=activation, padding=padding)
+    got = _step(TRITON, x, params, dy, train=train, activation=activation, padding=padding)
     ref = _step(D.depthwise_block_reference, x, params, dy, train=train, activation=activation, padding=padding,
                 dtype=torch.float64)
     rows = [compare(k, got[k], ref[k], ref[k], torch.float32) for k in ref]
@@ -73,7 +77,7 @@ def _check_against_float64(x, params, *, train, activation="gelu", padding="same
 @contextlib.contextmanager
 def _tile_config(monkeypatch, cfg):
     """Force one tile configuration (the interpreter's default takes whole 8x8 tiles)."""
-    monkeypatch.setattr(D, "_default_config", lambda *args, **kw: cfg)
+    monkeypatch.setattr(TD, "default_config", lambda *args, **kw: cfg)
     yield
 
 
@@ -86,29 +90,29 @@ def test_many_tiles_and_channel_blocks(monkeypatch, layout, train, k):
     """2x4 tiles and 4-channel blocks over C=10: partial tiles at the bottom and right, a partial
     channel block, several tiles per persistent backward program, halos crossing tile edges."""
     x = make_inputs((2, 10, 5, 7), 1, layout)[0]
-    with _tile_config(monkeypatch, D.TileConfig(2, 4, 4, 1)):
+    with _tile_config(monkeypatch, TD.TileConfig(2, 4, 4, 1)):
         _check_against_float64(x, _params(10, k), train=train)
 
 
 def test_int64_offsets_path(monkeypatch):
     """The 64-bit offset variant of every kernel computes the same thing (forced on a small input)."""
-    monkeypatch.setattr(D, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(TD, "needs_int64", lambda *tensors: True)
     x = make_inputs((2, 6, 5, 6), 1, "channels_last")[0]
     _check_against_float64(x, _params(6, 3), train=True)
 
 
 def test_needs_int64_detects_large_tensors():
     big = torch.empty((1, 2, 2 ** 15, 2 ** 15), device="meta")  # 2**31 elements
-    assert D._needs_int64(big)
-    assert D._needs_int64(torch.empty((2, 1, 4, 4), device="meta").as_strided((2, 1, 4, 4), (2 ** 31, 16, 4, 1)))
-    assert not D._needs_int64(torch.empty((64, 1536, 32, 32), device="meta"))
+    assert TC.needs_int64(big)
+    assert TC.needs_int64(torch.empty((2, 1, 4, 4), device="meta").as_strided((2, 1, 4, 4), (2 ** 31, 16, 4, 1)))
+    assert not TC.needs_int64(torch.empty((64, 1536, 32, 32), device="meta"))
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_kernel_31_on_12x12(monkeypatch, train):
     """k = 31 is far larger than the map: most taps fall in the zero padding, in both directions."""
     x = make_inputs((1, 4, 12, 12), 1, "channels_last")[0]
-    with _tile_config(monkeypatch, D.TileConfig(16, 16, 4, 1)):  # one tile: 961 taps are slow to interpret
+    with _tile_config(monkeypatch, TD.TileConfig(16, 16, 4, 1)):  # one tile: 961 taps are slow to interpret
         _check_against_float64(x, _params(4, 31), train=train)
 
 
@@ -132,8 +136,8 @@ def test_channels_last_matches_nchw_bitwise():
     params = _params(6, 5)
     x = make_inputs((2, 6, 7, 9), 1, "nchw")[0]
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    a = _step(D.depthwise_block_triton, x, params, dy, train=True)
-    b = _step(D.depthwise_block_triton, x.contiguous(memory_format=torch.channels_last), params,
+    a = _step(TRITON, x, params, dy, train=True)
+    b = _step(TRITON, x.contiguous(memory_format=torch.channels_last), params,
               dy.contiguous(memory_format=torch.channels_last), train=True)
     assert b["y"].is_contiguous(memory_format=torch.channels_last) and a["y"].is_contiguous()
     for key in a:
@@ -172,9 +176,9 @@ def test_poisoned_outputs_are_all_written(monkeypatch):
     and channel-block edges included."""
     assert alloc.poisoning(), "tests/conftest.py sets CONVMIXER_KERNELS_POISON=1"
     x = make_inputs((2, 7, 5, 9), 1, "nchw")[0]
-    with _tile_config(monkeypatch, D.TileConfig(4, 4, 4, 1)):
+    with _tile_config(monkeypatch, TD.TileConfig(4, 4, 4, 1)):
         for train in (True, False):
-            got = _step(D.depthwise_block_triton, x, _params(7, 4), torch.randn_like(x), train=train)
+            got = _step(TRITON, x, _params(7, 4), torch.randn_like(x), train=train)
             for key, t in got.items():
                 assert torch.isfinite(t).all(), f"{key} has unwritten (NaN) elements"
 
@@ -195,7 +199,7 @@ def test_only_x_a_and_channel_statistics_are_saved(train):
     leaves = [params[k].clone().requires_grad_(True) for k in ("weight", "bias", "bn_weight", "bn_bias")]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = D.depthwise_block_triton(x, *leaves, params["running_mean"].clone(), params["running_var"].clone(),
+        y = TRITON(x, *leaves, params["running_mean"].clone(), params["running_var"].clone(),
                                      train, 0.1, 1e-5, activation="gelu", padding="same")
     big = [t for t in saved if t.numel() == x.numel()]
     small = [t for t in saved if t.numel() != x.numel()]
@@ -210,10 +214,9 @@ def test_no_grad_eval_keeps_nothing():
     params = _params(6, 3)
     x = make_inputs((2, 6, 5, 5), 1, "channels_last")[0]
     with torch.no_grad():
-        y, a, stats, rm, rv = OP_FWD(x, params["weight"], params["bias"], params["bn_weight"], params["bn_bias"],
-                                     params["running_mean"], params["running_var"], False, 0.1, 1e-5, 0, 1, 1,
-                                     False)
-    assert a.numel() == 0 and rm.numel() == 0 and y.shape == x.shape
+        y, a, stats = OP_FWD(x, params["weight"], params["bias"], params["bn_weight"], params["bn_bias"],
+                             params["running_mean"], params["running_var"], False, 1e-5, 0, 1, 1, False, "triton")
+    assert a.numel() == 0 and stats.shape == (6, 6) and y.shape == x.shape
 
 
 # ---------------------------------------------------------------- autocast (input already in half precision)
@@ -242,38 +245,14 @@ def test_unsupported_configurations_say_why():
     w = torch.randn(4, 1, 3, 3, device=DEVICE)
     bn = BatchNormCall(None, None, None, None, True, 0.1, 1e-5)
     ok = dict(x=x, weight=w, bn=bn, compute_dtype=torch.float32, activation="gelu", padding="same")
-    assert D._triton_unsupported(**ok) is None
-    assert "float64" in D._triton_unsupported(**{**ok, "x": x.double(), "compute_dtype": torch.float64})
-    assert "size" in D._triton_unsupported(**{**ok, "padding": (0, 0)})
-    assert "channels" in D._triton_unsupported(**{**ok, "x": torch.randn(2, 0, 5, 5, device=DEVICE),
-                                                  "weight": torch.randn(0, 1, 3, 3, device=DEVICE)})
+    assert D.unsupported(**ok) is None and TD.unsupported(**ok) is None
+    assert "float64" in D.unsupported(**{**ok, "x": x.double(), "compute_dtype": torch.float64})
+    assert "size" in D.unsupported(**{**ok, "padding": (0, 0)})
+    assert "channels" in D.unsupported(**{**ok, "x": torch.randn(2, 0, 5, 5, device=DEVICE),
+                                          "weight": torch.randn(0, 1, 3, 3, device=DEVICE)})
 
 
 # ---------------------------------------------------------------- torch.library
-
-def _op_args(train, *, grads=True, affine=True, bias=True, layout="channels_last"):
-    p = _params(5, 3, bias=bias, affine=affine)
-    x = make_inputs((2, 5, 4, 6), 1, layout)[0]
-    req = lambda t: None if t is None else t.clone().requires_grad_(grads)  # noqa: E731
-    return (req(x), req(p["weight"]), req(p["bias"]), req(p["bn_weight"]), req(p["bn_bias"]),
-            p["running_mean"], p["running_var"], train, 0.1, 1e-5, 0, 1, 1, True)
-
-
-@pytest.mark.parametrize("case", ["train", "eval", "train_no_affine_no_bias", "eval_nchw_no_grad"])
-def test_opcheck_forward(case):
-    train = case.startswith("train")
-    args = _op_args(train, affine="no_affine" not in case, bias="no_bias" not in case,
-                    grads="no_grad" not in case, layout="nchw" if "nchw" in case else "channels_last")
-    torch.library.opcheck(OP_FWD, args)
-
-
-def test_opcheck_backward():
-    args = _op_args(True, grads=False)
-    x, w = args[0], args[1]
-    y, a, stats, _, _ = OP_FWD(*args)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(OP_BWD, (dy, x, a, w, args[3], stats, True, 0, 1, 1, True, True, True, True))
-
 
 def _compile_backend():
     return "inductor"
@@ -337,7 +316,9 @@ _COMPILE_FOR_SM90 = r"""
 import itertools
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from convmixer_kernels.ops import depthwise_block as D
+from convmixer_kernels.ops.triton import batchnorm as TB
+from convmixer_kernels.ops.triton import common as TC
+from convmixer_kernels.ops.triton import depthwise as D
 
 def build(fn, dtype, consts, unit_strides=()):
     sig, constexprs = {}, {}
@@ -346,7 +327,7 @@ def build(fn, dtype, consts, unit_strides=()):
             sig[name], constexprs[name] = "constexpr", consts.get(name, 1)
         else:
             sig[name] = (dtype if name in ("x_ptr", "wt_ptr", "b_ptr", "a_ptr", "y_ptr", "dy_ptr", "dx_ptr")
-                         else "*fp32") if name.endswith("_ptr") else "i32"
+                         else "*fp32") if name.endswith("_ptr") else ("fp32" if name == "eps" else "i32")
     compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
 
 for dtype, (k, train, int64, act) in itertools.product(["*bf16", "*fp32"], [(9, True, False, 0), (4, False, True, 2)]):
@@ -356,7 +337,8 @@ for dtype, (k, train, int64, act) in itertools.product(["*bf16", "*fp32"], [(9, 
     build(D._apply_kernel, dtype, common, ("sxw", "sow"))
     build(D._reduce_kernel, dtype, common)
     build(D._input_grad_kernel, dtype, dict(conv, TRAIN=train, NEED_DX=True, NEED_DW=True), ("sgc", "soc", "sxc"))
-build(D._sum_rows_kernel, "*fp32", dict(BLOCK=512))
+build(TC._sum_rows_kernel, "*fp32", dict(BLOCK=128, SPLIT=8))
+build(TB._finalize_kernel, "*fp32", dict(HAS_WEIGHT=True, HAS_BIAS=True, SPLIT=32, BLOCK_C=32))
 print("compiled")
 """
 
@@ -424,7 +406,7 @@ def test_int64_offsets_cuda():
     x = torch.randn(1, C, 2 ** 15, 2 ** 15, device="cuda", dtype=torch.bfloat16)
     p = _params(C, k, dtype=torch.bfloat16)
     with torch.no_grad():
-        y = D.depthwise_block_triton(x, p["weight"], p["bias"], p["bn_weight"], p["bn_bias"], p["running_mean"],
+        y = TRITON(x, p["weight"], p["bias"], p["bn_weight"], p["bn_bias"], p["running_mean"],
                                      p["running_var"], False, 0.1, 1e-5, activation="gelu", padding="same")
         crop = x[:, :, -32:, -64:].float()
         ref = D.depthwise_block_reference(crop, p["weight"].float(), p["bias"].float(), p["bn_weight"],

@@ -5,13 +5,17 @@ The block grid (dtypes, activations, layouts, BatchNorm configurations, edge cas
 test_blocks.py; these are the triton-specific checks. Interpreted shapes stay tiny.
 """
 import copy
+import functools
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convmixer_kernels import FusedPointwiseBlock, backends
+from convmixer_kernels.ops import batchnorm as bnops
 from convmixer_kernels.ops import pointwise_block as pw
+from convmixer_kernels.ops.triton import common as TC
+from convmixer_kernels.ops.triton import pointwise as TP
 from convmixer_kernels.ops.activation import ACT_CODE, activation_reference
 from convmixer_kernels.ops.alloc import poisoning
 from convmixer_kernels.ops.batchnorm import BatchNormCall
@@ -20,6 +24,7 @@ from harness import DEVICE, ON_GPU, make_inputs, pointwise_reference, randomize_
 
 pytestmark = pytest.mark.skipif(backends.environment_reason("triton", DEVICE) is not None,
                                 reason=f"triton cannot run here: {backends.environment_reason('triton', DEVICE)}")
+TRITON = functools.partial(pw.pointwise_block_fused, backend="triton")
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (paper-sized shapes are too slow for the "
                                                  "Triton interpreter on CPU)")
 
@@ -38,8 +43,8 @@ def _matmul(a, b, c_dtype=None, **kw):
     I, K = a.shape
     J = b.shape[1]
     c = torch.full((I, J), float("nan"), dtype=c_dtype or a.dtype, device=a.device)
-    part = pw.gemm(a, pw._linear(a.stride(0)), a.stride(1), b, pw._linear(b.stride(0)), b.stride(1),
-                   c, pw._linear(c.stride(0)), c.stride(1), I, J, K, **kw)
+    part = TP.gemm(a, TP._linear(a.stride(0)), a.stride(1), b, TP._linear(b.stride(0)), b.stride(1),
+                   c, TP._linear(c.stride(0)), c.stride(1), I, J, K, **kw)
     return c, part
 
 
@@ -73,25 +78,25 @@ def test_gemm_strided_operands_and_pixel_axes():
     x = _randn(2, 7, 3, 5, seed=5)  # M = 30 pixels, K = 7 channels
     w = _randn(9, 7, seed=6)  # B[k, j] = w[j, k]
     out = torch.full((2, 9, 3, 5), float("nan"), device=DEVICE)
-    pw.gemm(x, pw._pixels(x), x.stride(1), w, pw._linear(w.stride(1)), w.stride(0),
-            out, pw._pixels(out), out.stride(1), 30, 9, 7)
+    TP.gemm(x, TP._pixels(x), x.stride(1), w, TP._linear(w.stride(1)), w.stride(0),
+            out, TP._pixels(out), out.stride(1), 30, 9, 7)
     ref = torch.einsum("nkhw,jk->njhw", x.double(), w.double())
     assert _rel(out, ref) <= 1e-6
     # an arbitrary strided view needs all three pixel dims
     big = _randn(3, 7, 8, 11, seed=7)
     v = big[::2, :, 1::3, ::2]
-    assert pw._pixels(v).dims == 3
+    assert TP._pixels(v).dims == 3
     out = torch.full((2, 9, 3, 6), float("nan"), device=DEVICE)
-    pw.gemm(v, pw._pixels(v), v.stride(1), w, pw._linear(w.stride(1)), w.stride(0),
-            out, pw._pixels(out), out.stride(1), 36, 9, 7)
+    TP.gemm(v, TP._pixels(v), v.stride(1), w, TP._linear(w.stride(1)), w.stride(0),
+            out, TP._pixels(out), out.stride(1), 36, 9, 7)
     assert _rel(out, torch.einsum("nkhw,jk->njhw", v.double(), w.double())) <= 1e-6
 
 
 def test_pixel_axis_merges_contiguous_dims():
     x = torch.empty(2, 6, 5, 7)
-    assert pw._pixels(x) == pw._Axis(2, 1, 35, 0, 6 * 35, 1)  # (N, H*W)
-    assert pw._pixels(x.contiguous(memory_format=torch.channels_last)) == pw._linear(6)  # one dim, stride C
-    assert pw._pixels(torch.empty(1, 6, 1, 1)).dims == 1
+    assert TP._pixels(x) == TP._Axis(2, 1, 35, 0, 6 * 35, 1)  # (N, H*W)
+    assert TP._pixels(x.contiguous(memory_format=torch.channels_last)) == TP._linear(6)  # one dim, stride C
+    assert TP._pixels(torch.empty(1, 6, 1, 1)).dims == 1
 
 
 def test_gemm_prologue_split_k_and_statistics_epilogue():
@@ -106,12 +111,12 @@ def test_gemm_prologue_split_k_and_statistics_epilogue():
     assert _rel(c, a_eff @ b.double()) <= 1e-5
     # split-K: partial products per split, summed in order
     parts = torch.full((3, I, J), float("nan"), device=DEVICE)
-    pw.gemm(a, pw._linear(K), 1, b, pw._linear(J), 1, parts, pw._linear(J), 1, I, J, K,
+    TP.gemm(a, TP._linear(K), 1, b, TP._linear(J), 1, parts, TP._linear(J), 1, I, J, K,
             prologue=pro, split_k=3, stride_csplit=I * J)
-    summed = pw.sum_tiles(parts.view(1, 3, I * J)).view(I, J)
+    summed = TC.sum_rows(parts).view(I, J)
     assert _rel(summed, a_eff @ b.double()) <= 1e-5
     # statistics epilogue: p = A B + bias stored; per row tile (count, mean, M2) of act(p)
-    cfg = pw.GemmConfig(16, 16, 16, 2, 4, 1)  # known row tiles: 16, 16, 5
+    cfg = TP.GemmConfig(16, 16, 16, 2, 4, 1)  # known row tiles: 16, 16, 5
     c, part = _matmul(a, b, bias=bias, stats=True, act=ACT_CODE["relu"], config=cfg)
     assert _rel(c, a.double() @ b.double() + bias.double()) <= 1e-6
     assert part.shape == (3, 3, J)
@@ -205,6 +210,21 @@ class _CopyDetector(TorchDispatchMode):
         return out
 
 
+def _forward(x, w, b, call, activation):
+    """The contract's forward launchers, composed as the op composes them."""
+    act = ACT_CODE[activation]
+    p, part = TP.linear(x, w, b, act, True)
+    stats = TP.finalize(part, call.weight, call.bias, call.eps)
+    return TP.apply(p, x, stats, act), p, stats
+
+
+def _backward(dz, x, w, p, stats, activation):
+    act = ACT_CODE[activation]
+    sums = TP.grad_sums(dz, p, stats, act)
+    coef = bnops.backward_coefficients(sums, stats, None, p.shape[0], True)
+    return TP.input_grad(dz, p, x, w, coef, act, True, True, True, True)
+
+
 def test_nchw_is_read_in_place_without_copies():
     x = _randn(2, 6, 5, 7, seed=30)  # NCHW
     w = _randn(4, 6, 1, 1, seed=31)
@@ -215,59 +235,36 @@ def test_nchw_is_read_in_place_without_copies():
         x.contiguous(memory_format=torch.channels_last)
     assert det.copies
     with _CopyDetector([x]) as det:
-        z, p, mean, rstd, scale = pw.pointwise_forward(x, w, b, call, "gelu", True)
+        z, p, stats = _forward(x, w, b, call, "gelu")
     assert not det.copies, det.copies
     dz = torch.ones(1, device=DEVICE).expand(z.shape)  # what z.sum().backward() sends: all strides 0
     with _CopyDetector([x, dz]) as det:
-        dx, dw, db, dg, dbeta = pw.pointwise_backward(dz, x, w, p, mean, rstd, scale, True, "gelu",
-                                                      True, True, True, True)
+        dx, dw, db = _backward(dz, x, w, p, stats, "gelu")
     assert not det.copies, det.copies
     assert z.is_contiguous() and dx.is_contiguous()  # NCHW in, NCHW out
     # and the results are those of the channels_last copy
     xc = x.contiguous(memory_format=torch.channels_last)
-    z2, p2, *stats2 = pw.pointwise_forward(xc, w, b, call, "gelu", True)
-    dx2, dw2, *_ = pw.pointwise_backward(dz.contiguous(), xc, w, p2, *stats2, True, "gelu", True, True, True, True)
+    z2, p2, stats2 = _forward(xc, w, b, call, "gelu")
+    dx2, dw2, _ = _backward(dz.contiguous(), xc, w, p2, stats2, "gelu")
     assert z2.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(z, z2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dx, dx2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dw, dw2, rtol=1e-6, atol=1e-6)
 
 
-def _op_args(train: bool, requires_grad: bool):
-    x = _randn(2, 5, 3, 4, seed=40).requires_grad_(requires_grad)
-    w = _randn(6, 5, 1, 1, seed=41).requires_grad_(requires_grad)
-    b, g, beta = (_randn(6, seed=s).requires_grad_(requires_grad) for s in (42, 43, 44))
+def _block_args():
+    x = _randn(2, 5, 3, 4, seed=40)
+    w = _randn(6, 5, 1, 1, seed=41)
+    b, g, beta = (_randn(6, seed=s) for s in (42, 43, 44))
     rm, rv = _randn(6, seed=45) * 0.1, _randn(6, seed=46).abs() + 0.5
-    return (x, w, b, g, beta, rm, rv, train, 0.1, 1e-5, "gelu", requires_grad)
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_opcheck_forward_op(train):
-    torch.library.opcheck(torch.ops.convmixer_kernels.pointwise_block_fwd.default, _op_args(train, True))
-
-
-def test_opcheck_forward_op_inference_and_no_optionals():
-    args = list(_op_args(False, False))
-    torch.library.opcheck(torch.ops.convmixer_kernels.pointwise_block_fwd.default, tuple(args))
-    args[2:7] = [None] * 5  # no bias, affine=False, no running buffers (train: batch statistics)
-    args[7] = True
-    torch.library.opcheck(torch.ops.convmixer_kernels.pointwise_block_fwd.default, tuple(args))
-
-
-def test_opcheck_backward_op():
-    x, w, b, g, beta, rm, rv, *_ = _op_args(True, False)
-    call = BatchNormCall(g, beta, None, None, True, 0.1, 1e-5)
-    z, p, mean, rstd, scale = pw.pointwise_forward(x, w, b, call, "relu", True)
-    dz = _randn(*z.shape, seed=47)
-    torch.library.opcheck(torch.ops.convmixer_kernels.pointwise_block_bwd.default,
-                          (dz, x, w, p, mean, rstd, scale, True, "relu", True, True, True, True))
+    return [x, w, b, g, beta, rm, rv]
 
 
 def test_running_buffers_updated_in_place_and_in_their_dtype():
-    args = list(_op_args(True, False))
+    args = _block_args()
     rm, rv = args[5].half(), args[6].half()
     rm0, rv0 = rm.clone(), rv.clone()
-    pw.pointwise_block_triton(*args[:5], rm, rv, True, 0.3, 1e-5, activation="gelu")
+    TRITON(*args[:5], rm, rv, True, 0.3, 1e-5, activation="gelu")
     assert rm.dtype == rv.dtype == torch.float16
     x, w, b, g, beta = (t.double() for t in args[:5])
     rm64, rv64 = rm0.double(), rv0.double()
@@ -280,9 +277,9 @@ def test_running_buffers_updated_in_place_and_in_their_dtype():
 def test_bad_inputs_raise_with_shapes_in_the_message():
     x, w, b = _randn(2, 5, 3, 3), _randn(4, 6, 1, 1), _randn(4)
     with pytest.raises(RuntimeError, match=r"\(2, 5, 3, 3\).*5 channels.*\(4, 6, 1, 1\)"):
-        pw.pointwise_block_triton(x, w, b, None, None, None, None, True, 0.1, 1e-5, activation="gelu")
+        TRITON(x, w, b, None, None, None, None, True, 0.1, 1e-5, activation="gelu")
     with pytest.raises(RuntimeError, match="bias is torch.float16"):
-        pw.pointwise_block_triton(x, _randn(4, 5, 1, 1), b.half(), None, None, None, None, True, 0.1, 1e-5,
+        TRITON(x, _randn(4, 5, 1, 1), b.half(), None, None, None, None, True, 0.1, 1e-5,
                                   activation="gelu")
 
 
@@ -367,7 +364,7 @@ def test_gpu_64bit_indices():
     w = _randn(c, c, 1, 1, dtype=torch.bfloat16, seed=64)
     rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
     with torch.no_grad():
-        z = pw.pointwise_block_triton(x, w, None, None, None, rm, rv, False, 0.1, 1e-5, activation="relu")
+        z = TRITON(x, w, None, None, None, rm, rv, False, 0.1, 1e-5, activation="relu")
     tail = x[:, :, -1000:]
     ref = torch.relu(torch.nn.functional.conv2d(tail.float(), w.float())) / (1 + 1e-5) ** 0.5
     torch.testing.assert_close(z[:, :, -1000:].float(), ref, rtol=2e-2, atol=2e-2)

@@ -5,14 +5,19 @@
    the momentum rule, which buffers are passed, batch vs running statistics), so a
    fused block keeps the reference's semantics whatever the backend.
 2. ``check_batchnorm_call`` raises the errors ``F.batch_norm`` raises.
-3. The statistics format every fused backend uses, and the finalize step that
-   turns per-tile partials into mean/rstd, updates the running buffers and emits
-   the per-channel affine ``s = gamma * rstd``, ``t = beta - mean * s``.
+3. The statistics formats every fused backend uses, the reference finalize, the one
+   running-buffer update and the backward's per-channel coefficients.
 
-Statistics format: a float32 tensor ``partials`` of shape ``[3, T, C]`` holding,
-for each of T tiles and C channels, (count, mean, M2) of the activated values in
-that tile (Welford). ``finalize_reference`` combines the tiles in index order with
-Chan's formula, so the result does not depend on how the tiles were scheduled.
+Statistics formats (float32):
+* ``partials [3, T, C]``: for each of T tiles and C channels, (count, mean, M2) of the
+  activated values in that tile (what a statistics epilogue writes).
+* ``finalized [6, C]``, rows ``MEAN, RSTD, COUNT, M2, SCALE, SHIFT``: the combined batch
+  statistics, ``rstd = 1/sqrt(M2/count + eps)`` and the per-channel affine of the apply step,
+  ``s = gamma * rstd``, ``t = beta - mean * s``. Eval fills it from the running buffers
+  (count = M2 = 0). The first four rows are what a block's forward op returns as ``stats``.
+Every backend's finalize combines tiles in a fixed order, so results do not depend on how
+tiles were scheduled; running buffers are updated only by ``update_running_stats``, outside
+the ops, for every backend.
 """
 from __future__ import annotations
 
@@ -78,7 +83,10 @@ def batchnorm_reference(t: torch.Tensor, call: BatchNormCall) -> torch.Tensor:
                         call.use_batch_stats, call.momentum, call.eps)
 
 
-# ------------------------------------------------------------ statistics format
+# ------------------------------------------------------------ statistics formats
+
+MEAN, RSTD, COUNT, M2, SCALE, SHIFT = range(6)
+STATS_ROWS = 4  # MEAN, RSTD, COUNT, M2: the ``stats`` output of every block's forward op
 
 
 def tile_partials_reference(g: torch.Tensor, tiles: int = 1) -> torch.Tensor:
@@ -101,12 +109,8 @@ def tile_partials_reference(g: torch.Tensor, tiles: int = 1) -> torch.Tensor:
     return out
 
 
-def finalize_reference(partials: torch.Tensor, call: BatchNormCall) -> Tuple[torch.Tensor, ...]:
-    """Combine ``partials`` [3, T, C] in tile order; update running stats; return (mean, rstd, scale, shift).
-
-    All four are float32 [C]. Running buffers are updated in place, in their own
-    dtype, with the unbiased variance, exactly as F.batch_norm does.
-    """
+def combine_reference(partials: torch.Tensor) -> torch.Tensor:
+    """[3, T, C] -> [3, C]: tiles combined in index order with Chan's formula."""
     count, mean, m2 = partials[0, 0].clone(), partials[1, 0].clone(), partials[2, 0].clone()
     for i in range(1, partials.shape[1]):
         nb, mb, m2b = partials[0, i], partials[1, i], partials[2, i]
@@ -116,39 +120,68 @@ def finalize_reference(partials: torch.Tensor, call: BatchNormCall) -> Tuple[tor
         mean = mean + delta * nb / safe_n
         m2 = m2 + m2b + delta * delta * count * nb / safe_n
         count = n
-    total = count
-    var = m2 / total
-    rstd = torch.rsqrt(var + call.eps)
-    if call.running_mean is not None:
-        m = call.momentum
-        unbiased = m2 / (total - 1)
-        with torch.no_grad():
-            call.running_mean.mul_(1 - m).add_((m * mean).to(call.running_mean.dtype))
-            call.running_var.mul_(1 - m).add_((m * unbiased).to(call.running_var.dtype))
-    return (mean, rstd) + affine_from_stats(mean, rstd, call)
+    return torch.stack((count, mean, m2))
 
 
-def eval_stats(call: BatchNormCall) -> Tuple[torch.Tensor, ...]:
-    """(mean, rstd, scale, shift) from the running buffers, for eval mode."""
-    mean = call.running_mean.float()
-    rstd = torch.rsqrt(call.running_var.float() + call.eps)
-    return (mean, rstd) + affine_from_stats(mean, rstd, call)
+def finalized_from_combined(combined: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            eps: float) -> torch.Tensor:
+    """[3, C] (count, mean, M2) -> the finalized [6, C] statistics (biased variance, as BatchNorm normalizes)."""
+    count, mean, m2 = combined[0], combined[1], combined[2]
+    rstd = torch.rsqrt(m2 / count + eps)
+    scale, shift = affine(mean, rstd, weight, bias)
+    return torch.stack((mean, rstd, count, m2, scale, shift))
 
 
-def affine_from_stats(mean: torch.Tensor, rstd: torch.Tensor, call: BatchNormCall):
-    scale = rstd if call.weight is None else call.weight.float() * rstd
-    shift = -mean * scale if call.bias is None else call.bias.float() - mean * scale
+def finalize_reference(partials: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       eps: float) -> torch.Tensor:
+    """Partials [3, T, C] -> finalized [6, C]: what every backend's ``finalize`` computes."""
+    return finalized_from_combined(combine_reference(partials), weight, bias, eps)
+
+
+def finalized_from_running(running_mean: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """Eval: the finalized [6, C] statistics from the running buffers (COUNT and M2 zero)."""
+    mean = running_mean.float()
+    rstd = torch.rsqrt(running_var.float() + eps)
+    scale, shift = affine(mean, rstd, weight, bias)
+    zero = torch.zeros_like(mean)
+    return torch.stack((mean, rstd, zero, zero, scale, shift))
+
+
+def affine(mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """(s, t) with BN(g) = g * s + t: s = gamma * rstd, t = beta - mean * s."""
+    scale = rstd if weight is None else weight.float() * rstd
+    shift = -mean * scale if bias is None else bias.float() - mean * scale
     return scale, shift
 
 
-def finalize(partials: torch.Tensor, call: BatchNormCall) -> Tuple[torch.Tensor, ...]:
-    """The finalize every fused backend calls: the Triton kernel where Triton can run on
-    ``partials`` (CUDA, or the interpreter on CPU), else ``finalize_reference``. Same order, same result."""
-    from ..backends import environment_reason
+def update_running_stats(call: BatchNormCall, stats: torch.Tensor) -> None:
+    """The one running-buffer update, for every backend: r = (1 - m) r + m * batch, in the buffers' own
+    dtype, with the unbiased variance, exactly as F.batch_norm does. ``stats`` is a forward op's [4, C]."""
+    if call.running_mean is None or not call.use_batch_stats:
+        return
+    m = call.momentum
+    mean, count, m2 = stats[MEAN], stats[COUNT], stats[M2]
+    with torch.no_grad():
+        call.running_mean.mul_(1 - m).add_((m * mean).to(call.running_mean.dtype))
+        call.running_var.mul_(1 - m).add_((m * (m2 / (count - 1))).to(call.running_var.dtype))
 
-    if environment_reason("triton", partials.device) is None:
-        from .batchnorm_triton import finalize_triton
 
-        with torch.no_grad():
-            return finalize_triton(partials, call)
-    return finalize_reference(partials, call)
+def backward_coefficients(sums: Optional[torch.Tensor], stats: torch.Tensor, weight: Optional[torch.Tensor],
+                          count: int, use_batch_stats: bool) -> torch.Tensor:
+    """Per-channel [4, C] (k1, k2, mean_dy, mean) with BatchNorm's backward folded in:
+    dL/dg = k1 * (dy - mean_dy) + k2 * (g - mean), where g = act(pre-activation).
+
+    Training (batch statistics): k1 = gamma * rstd, k2 = -k1 * rstd * sum(dy * xhat) / M,
+    mean_dy = sum(dy) / M (``sums`` = [2, C] (sum dy, sum dy * xhat)); dy - mean_dy is taken first,
+    as PyTorch does: it cancels, and a separately rounded k1 * mean_dy would lose the low bits of
+    the bias gradient. Eval: k2 = mean_dy = 0.
+    """
+    mean, rstd = stats[MEAN], stats[RSTD]
+    k1 = rstd if weight is None else weight.float() * rstd
+    if use_batch_stats:
+        k2 = -k1 * rstd * (sums[1] / count)
+        mean_dy = sums[0] / count
+    else:
+        k2 = mean_dy = torch.zeros_like(k1)
+    return torch.stack((k1, k2, mean_dy, mean))

@@ -5,7 +5,7 @@ are the same for each op and each backend.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -36,29 +36,47 @@ def reference_only_reason(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormCa
     return None
 
 
-def run_block(op: str, reference: Callable, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall,
-              backend: str, **kwargs) -> Tuple[torch.Tensor, str]:
+def _verdict_key(op: str, requested: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall, cdtype,
+                 kwargs: dict) -> tuple:
+    """Everything a backend verdict depends on, except what is checked on every call anyway."""
+    params = tuple(None if t is None else (t.device, t.dtype, t.shape)
+                   for t in (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    return (op, requested, backends.strict(), x.device, x.dtype, cdtype, x.shape, x.stride(), params,
+            bn.use_batch_stats, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+            tuple(sorted(kwargs.items())))
+
+
+def run_block(op: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall, backend: str,
+              verdicts: Optional[dict] = None, **kwargs) -> Tuple[torch.Tensor, str]:
     """Run one fused block; return (output, name of the backend that ran it).
 
-    ``reference`` and every registered implementation share one signature:
-    ``fn(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-    use_batch_stats, momentum, eps, **kwargs)``. The reference runs with autocast as
-    the caller set it (so it *is* the unfused model); a fused backend gets x, weight
-    and bias already cast to the autocast dtype and runs with autocast off, the
-    BatchNorm parameters and buffers staying in their own (float32) dtype.
+    Every backend of ``op`` shares the reference's signature:
+    ``fn(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum,
+    eps, **kwargs)``. The reference runs with autocast as the caller set it (so it *is* the unfused
+    model); a fused backend gets x, weight and bias already cast to the autocast dtype and runs
+    with autocast off, the BatchNorm parameters and buffers staying in their own (float32) dtype.
+
+    The backend verdict is cached in ``verdicts`` (a module's dict) per device, dtypes, shapes,
+    strides, training and grad mode; the checks that raise (BatchNorm's) run on every call.
     """
     check_batchnorm_call(x.shape, bn)
     cdtype = compute_dtype(x)
-    reason = reference_only_reason(x, weight, bn, cdtype)
-    if reason is not None:
-        name = "torch"
-    else:
-        name = backends.choose_backend(op, backend, x.device, x=x, weight=weight, bn=bn,
-                                       compute_dtype=cdtype, **kwargs)
+    requested = backends.requested_backend(backend)
+    key = _verdict_key(op, requested, x, weight, bias, bn, cdtype, kwargs) if verdicts is not None else None
+    name = verdicts.get(key) if key is not None else None
+    if name is None:
+        reason = reference_only_reason(x, weight, bn, cdtype)
+        if reason is not None:
+            name = "torch"
+        else:
+            name = backends.choose_backend(op, requested, x.device, x=x, weight=weight, bn=bn,
+                                           compute_dtype=cdtype, **kwargs)
+        if key is not None:
+            verdicts[key] = name
+    fn = backends.implementation(op, name)
     args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.use_batch_stats, bn.momentum, bn.eps)
     if name == "torch":
-        return reference(x, weight, bias, *args, **kwargs), name
-    fn = backends.implementation(op, name)
+        return fn(x, weight, bias, *args, **kwargs), name
     # a named range, so profiler traces show which fused op is which
     with torch.profiler.record_function(f"convmixer_kernels::{op}[{name}]"):
         if torch.is_autocast_enabled(x.device.type):
@@ -70,7 +88,7 @@ def run_block(op: str, reference: Callable, x: torch.Tensor, weight: torch.Tenso
 
 
 def common_unsupported(x: torch.Tensor, compute_dtype, *, residual: bool,
-                       dtypes=(torch.float32, torch.float16, torch.bfloat16), **_) -> Optional[str]:
+                       dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> Optional[str]:
     """Reasons shared by the fused backends of both blocks (each may add its own)."""
     if compute_dtype not in dtypes:
         return f"dtype {compute_dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"

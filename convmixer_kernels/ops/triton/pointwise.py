@@ -1,0 +1,501 @@
+"""Triton backend of the pointwise block (``ops/pointwise_block.py`` holds the op's contract).
+
+A 1x1 conv is a GEMM in the [M = N*H*W, C] view of the activations. One strided GEMM kernel
+(``_gemm_kernel``) with prologue and epilogue switches serves every launch:
+
+* training forward: ``gemm(stats=True)``: p = r W^T + b, whose epilogue stores p and the per-tile
+  BatchNorm statistics of act(p) (the [3, T, C] partials of ``ops/batchnorm.py``); ``finalize``;
+  ``apply`` (``_apply_kernel``) writes z = act(p) * s + t.
+* eval without grad: ``gemm_apply``, one GEMM whose epilogue writes z (read r, write z).
+* backward: ``grad_sums`` (``_bn_bwd_kernel``, reduction pass over (dz, p)); ``input_grad``: the
+  pass that materializes dp = act'(p) * BN_bwd(dz) once with per-program sums of dp (db), then
+  two GEMMs with the same kernel: dr = dp W and dW = dp^T r (split-K with a fixed-order
+  reduction when the output has too few tiles to fill the GPU).
+
+All reductions add tiles in a fixed order (``common.sum_rows``; no atomics), so results are
+bitwise reproducible. The GEMM reads every operand through strides, so NCHW, channels_last and
+strided views are read in place (no copies): the pixel index m of an [N, C, H, W] tensor is
+decomposed into (n, h, w) with the fewest dims its strides allow (``_Axis``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..alloc import empty
+from ..batchnorm import MEAN, RSTD, SCALE, SHIFT
+from .activation import act_fwd, act_grad
+from .batchnorm import finalize, tile_stats  # noqa: F401  (finalize is part of this backend's contract)
+from .common import Autotuner, interpreting, num_sms, sum_rows
+
+# ====================================================================== Triton kernels
+
+
+@triton.jit
+def _offsets(idx, D1, D2, S0, S1, S2, DIMS: tl.constexpr):
+    """int64 element offsets of the indices ``idx`` along an axis stored as DIMS strided dims.
+
+    DIMS == 1: idx * S2; 2: (idx // D2, idx % D2); 3: (idx // (D1 D2), idx // D2 % D1, idx % D2).
+    """
+    idx = idx.to(tl.int64)
+    if DIMS == 1:
+        return idx * S2
+    elif DIMS == 2:
+        return (idx // D2) * S1 + (idx % D2) * S2
+    else:
+        return (idx // (D1 * D2)) * S0 + ((idx // D2) % D1) * S1 + (idx % D2) * S2
+
+@triton.jit
+def _gemm_kernel(
+        a_ptr, b_ptr, c_ptr,
+        bias_ptr, scale_ptr, shift_ptr, part_ptr,  # epilogue inputs / statistics output
+        pro_scale_ptr, pro_shift_ptr, res_ptr,  # A-side prologue inputs (design.md 3.3)
+        I, J, K, k_per_split, part_plane,  # part_plane = T * J, one plane of the partials
+        a_d1, a_d2, a_s0, a_s1, a_s2, stride_ak,  # A[i, k] at offsets(i) + k * stride_ak
+        b_d1, b_d2, b_s0, b_s1, b_s2, stride_bj,  # B[k, j] at offsets(k) + j * stride_bj
+        c_d1, c_d2, c_s0, c_s1, c_s2, stride_cj, stride_csplit,  # C[i, j] (+ split * stride_csplit)
+        A_DIMS: tl.constexpr, B_DIMS: tl.constexpr, C_DIMS: tl.constexpr,
+        PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, STATS: tl.constexpr, APPLY: tl.constexpr, ACT: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr):
+    """C = A' B (+ epilogue), fp32 accumulation; A' = A, or the prologue's act(A)*s[k]+t[k] (+ res).
+
+    Epilogue switches: HAS_BIAS adds bias[j]; STATS writes per-tile (count, mean, M2) of
+    act(C) per column into partials [3, cdiv(I, BLOCK_I), J]; APPLY stores act(C)*scale[j]+shift[j]
+    instead of C. The stored C is what statistics and activation see (rounded to C's dtype), so a
+    later pass that re-reads C computes the same values. Program axis 1 splits K (split-K).
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_i = tl.cdiv(I, BLOCK_I)
+    num_j = tl.cdiv(J, BLOCK_J)
+    # grouped ordering: GROUP_I row tiles share the B columns they read while those sit in L2
+    group = GROUP_I * num_j
+    first_i = (pid // group) * GROUP_I
+    group_rows = tl.minimum(num_i - first_i, GROUP_I)
+    pid_i = first_i + (pid % group) % group_rows
+    pid_j = (pid % group) // group_rows
+
+    ri = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    rk = tl.arange(0, BLOCK_K)
+    mask_i = ri < I
+    mask_j = rj < J
+    a_rows = _offsets(ri, a_d1, a_d2, a_s0, a_s1, a_s2, A_DIMS)
+    b_cols = rj.to(tl.int64) * stride_bj
+
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < k_hi
+        mask_a = mask_i[:, None] & mask_k[None, :]
+        a_off = a_rows[:, None] + kk.to(tl.int64)[None, :] * stride_ak
+        a = tl.load(a_ptr + a_off, mask=mask_a, other=0.0)
+        if PRO_ACT >= 0 or PRO_AFFINE or HAS_RES:
+            g = a.to(tl.float32)
+            if PRO_ACT >= 0:
+                g = act_fwd(g, PRO_ACT)
+            if PRO_AFFINE:
+                s = tl.load(pro_scale_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+                t = tl.load(pro_shift_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+                g = g * s[None, :] + t[None, :]
+            if HAS_RES:  # the residual shares A's layout
+                g += tl.load(res_ptr + a_off, mask=mask_a, other=0.0).to(tl.float32)
+            a = tl.where(mask_a, g, 0.0).to(a_ptr.dtype.element_ty)  # padding lanes must stay 0
+        b_rows = _offsets(kk, b_d1, b_d2, b_s0, b_s1, b_s2, B_DIMS)
+        b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=mask_k[:, None] & mask_j[None, :],
+                    other=0.0)
+        if DOT_F32:  # the interpreter's bf16 dot is wrong (gpu.md); bf16 products are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    mask = mask_i[:, None] & mask_j[None, :]
+    out_ty = c_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rj, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+    if STATS or APPLY:
+        acc = acc.to(out_ty).to(tl.float32)  # exactly the p a later pass reads back
+    if STATS:
+        count, mean, m2 = tile_stats(act_fwd(acc, ACT), mask, 0)
+        pofs = pid_i.to(tl.int64) * J + rj
+        tl.store(part_ptr + pofs, count, mask=mask_j)
+        tl.store(part_ptr + part_plane + pofs, mean, mask=mask_j)
+        tl.store(part_ptr + 2 * part_plane + pofs, m2, mask=mask_j)
+    if APPLY:
+        s = tl.load(scale_ptr + rj, mask=mask_j, other=0.0)
+        t = tl.load(shift_ptr + rj, mask=mask_j, other=0.0)
+        acc = act_fwd(acc, ACT) * s[None, :] + t[None, :]
+    c_rows = _offsets(ri, c_d1, c_d2, c_s0, c_s1, c_s2, C_DIMS)
+    c_off = split.to(tl.int64) * stride_csplit + c_rows[:, None] + rj.to(tl.int64)[None, :] * stride_cj
+    tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
+
+@triton.jit
+def _apply_kernel(p_ptr, z_ptr, scale_ptr, shift_ptr, M, C,
+                  z_d1, z_d2, z_s0, z_s1, z_s2, stride_zc, Z_DIMS: tl.constexpr,
+                  ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z = act(p) * scale + shift; p is a row-major [M, C] matrix, z any layout."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = rc < C
+    mask = (rm < M)[:, None] & mask_c[None, :]
+    p = tl.load(p_ptr + rm[:, None] * C + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + rc, mask=mask_c, other=0.0)
+    t = tl.load(shift_ptr + rc, mask=mask_c, other=0.0)
+    z = act_fwd(p, ACT) * s[None, :] + t[None, :]
+    z_off = _offsets(rm, z_d1, z_d2, z_s0, z_s1, z_s2, Z_DIMS)[:, None] + rc.to(tl.int64)[None, :] * stride_zc
+    tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr,
+                   M, C, tiles_per_prog,
+                   dz_d1, dz_d2, dz_s0, dz_s1, dz_s2, stride_dzc, DZ_DIMS: tl.constexpr,
+                   ACT: tl.constexpr, TRAIN: tl.constexpr, STORE_DP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over (dz, p) for ``tiles_per_prog`` row tiles per program.
+
+    STORE_DP False (reduction pass): partials [T, 2, C] = (sum dz, sum dz * xhat) per program,
+    xhat = (act(p) - mean) * rstd. STORE_DP True: dp = act'(p) * (k1*(dz - mean_dy) + k2*(act(p) - mean))
+    with coef [4, C] = (k1, k2, mean_dy, mean) (k2 and mean_dy only in training); stores dp (row-major [M, C])
+    and partials [T, C] = sum dp (for db).
+    """
+    pid_m = tl.program_id(0)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = rc < C
+    if STORE_DP:
+        k1 = tl.load(coef_ptr + rc, mask=mask_c, other=0.0)
+        k2 = tl.load(coef_ptr + C + rc, mask=mask_c, other=0.0)
+        mean_dy = tl.load(coef_ptr + 2 * C + rc, mask=mask_c, other=0.0)
+        mean = tl.load(coef_ptr + 3 * C + rc, mask=mask_c, other=0.0)
+    else:
+        mean = tl.load(mean_ptr + rc, mask=mask_c, other=0.0)
+        rstd = tl.load(rstd_ptr + rc, mask=mask_c, other=0.0)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    first = pid_m.to(tl.int64) * tiles_per_prog
+    for i in range(0, tiles_per_prog):
+        rm = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rm < M)[:, None] & mask_c[None, :]
+        dz_off = _offsets(rm, dz_d1, dz_d2, dz_s0, dz_s1, dz_s2, DZ_DIMS)[:, None] \
+            + rc.to(tl.int64)[None, :] * stride_dzc
+        dz = tl.load(dz_ptr + dz_off, mask=mask, other=0.0).to(tl.float32)
+        p_off = rm[:, None] * C + rc[None, :]
+        p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+        if STORE_DP:
+            if TRAIN:  # with the batch-statistics terms; the subtraction first, as PyTorch does
+                dg = k1[None, :] * (dz - mean_dy[None, :]) + k2[None, :] * (act_fwd(p, ACT) - mean[None, :])
+            else:
+                dg = k1[None, :] * dz
+            dp = dg * act_grad(p, ACT)
+            tl.store(dp_ptr + p_off, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+            acc0 += tl.where(mask, dp, 0.0)
+        else:
+            xhat = (act_fwd(p, ACT) - mean[None, :]) * rstd[None, :]
+            acc0 += tl.where(mask, dz, 0.0)
+            acc1 += tl.where(mask, dz * xhat, 0.0)
+    if STORE_DP:
+        tl.store(part_ptr + pid_m.to(tl.int64) * C + rc, tl.sum(acc0, axis=0), mask=mask_c)
+    else:
+        pofs = pid_m.to(tl.int64) * 2 * C + rc
+        tl.store(part_ptr + pofs, tl.sum(acc0, axis=0), mask=mask_c)
+        tl.store(part_ptr + pofs + C, tl.sum(acc1, axis=0), mask=mask_c)
+
+
+# ====================================================================== host launchers
+
+@dataclass(frozen=True)
+class _Axis:
+    """How an index along one GEMM axis maps to element offsets: ``DIMS`` strided dims (see ``_offsets``)."""
+
+    dims: int
+    d1: int
+    d2: int
+    s0: int
+    s1: int
+    s2: int
+
+    def args(self):
+        return (self.d1, self.d2, self.s0, self.s1, self.s2)
+
+
+def _linear(stride: int) -> _Axis:
+    return _Axis(1, 1, 1, 0, 0, stride)
+
+
+def _pixels(t: Tensor) -> _Axis:
+    """The pixel index m = (n*H + h)*W + w of a 4D [N, C, H, W] tensor, read through its strides.
+
+    Dims of size 1 are dropped and neighbours that are contiguous with each other merged, so a
+    channels_last tensor is one dim (stride C) and a contiguous NCHW tensor two (N, H*W).
+    """
+    dims: List[List[int]] = []
+    for size, stride in ((t.shape[0], t.stride(0)), (t.shape[2], t.stride(2)), (t.shape[3], t.stride(3))):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if not dims:
+        return _linear(0)
+    if len(dims) == 1:
+        return _linear(dims[0][1])
+    if len(dims) == 2:
+        return _Axis(2, 1, dims[1][0], 0, dims[0][1], dims[1][1])
+    return _Axis(3, dims[1][0], dims[2][0], dims[0][1], dims[1][1], dims[2][1])
+
+
+def _output_like(x: Tensor, channels: int, dtype=None) -> Tensor:
+    """An [N, channels, H, W] output in x's memory format (design.md 5.12): channels_last for a
+    channels_last x, else contiguous NCHW."""
+    n, _, h, w = x.shape
+    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
+                                  and not x.is_contiguous()) else torch.contiguous_format
+    return empty((n, channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_i: int
+    block_j: int
+    block_k: int
+    group_i: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def meta(self):
+        return dict(BLOCK_I=self.block_i, BLOCK_J=self.block_j, BLOCK_K=self.block_k, GROUP_I=self.group_i,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Candidates tried on CUDA, sized for Hopper's 228 KB of shared memory; those that do not fit a
+# smaller GPU (or float32 operands) fail to compile and are skipped.
+GEMM_CONFIGS = [
+    GemmConfig(128, 128, 64, 8, 8, 3),
+    GemmConfig(128, 256, 64, 8, 8, 3),
+    GemmConfig(256, 128, 64, 8, 8, 3),
+    GemmConfig(128, 128, 64, 8, 4, 4),
+    GemmConfig(128, 64, 64, 8, 4, 4),
+    GemmConfig(64, 128, 64, 8, 4, 4),
+    GemmConfig(64, 64, 64, 8, 4, 4),
+    GemmConfig(128, 128, 32, 8, 4, 4),
+    GemmConfig(64, 64, 32, 8, 4, 3),
+]
+# The interpreter: small tiles (dot needs >= 16), a group of 2 so the grouped ordering is exercised.
+INTERPRETER_CONFIG = GemmConfig(16, 16, 16, 2, 4, 1)
+
+
+
+_tuner = Autotuner("pointwise_block (triton)")
+
+
+def _pick_config(key: tuple, I: int, J: int, default: GemmConfig, launch, device) -> GemmConfig:
+    """The GEMM configuration for ``key`` (shapes, dtypes, layouts, epilogue): benchmarked once per
+    key on CUDA and cached; fixed under the interpreter, in deterministic mode or with autotuning off."""
+    if interpreting(device):
+        return INTERPRETER_CONFIG
+    cap_i, cap_j = max(64, triton.next_power_of_2(I)), max(64, triton.next_power_of_2(J))
+    cands = [default] + [c for c in GEMM_CONFIGS if c != default and c.block_i <= cap_i and c.block_j <= cap_j]
+    return _tuner.pick(key, cands, launch)
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """float32 follows PyTorch's matmul setting (allow_tf32 / float32_matmul_precision)."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"  # half types: the value is not used
+
+
+def gemm(a: Tensor, a_rows: _Axis, stride_ak: int, b: Tensor, b_k: _Axis, stride_bj: int,
+         c: Tensor, c_rows: _Axis, stride_cj: int, I: int, J: int, K: int, *,
+         bias: Optional[Tensor] = None, stats: bool = False, apply: Optional[Tuple[Tensor, Tensor]] = None,
+         act: int = 0, prologue: Optional[dict] = None, split_k: int = 1, stride_csplit: int = 0,
+         config: Optional[GemmConfig] = None) -> Optional[Tensor]:
+    """Launch ``_gemm_kernel``: C[i, j] = sum_k A'[i, k] B[k, j] (+ epilogue); returns the partials if ``stats``.
+
+    Layouts are given per axis (``_Axis`` for the axes that may be pixel indices, a plain stride for
+    the others). ``prologue`` = dict(act=code or -1, scale=, shift=, residual=) applies
+    A' = act(A) * scale[k] + shift[k] + residual[i, k] on load (residual in A's layout). With
+    ``split_k`` > 1 program axis 1 splits K and split s writes C + s * stride_csplit.
+    """
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"gemm: operand dtypes differ ({a.dtype} and {b.dtype})")
+    pro = prologue or {}
+    dummy = c
+    interp = interpreting(c.device)
+    precision = "ieee" if interp else _dot_precision(a.dtype, a.device)
+    dot_f32 = interp and a.dtype == torch.bfloat16
+    k_per_split, split_k = split_plan(K, split_k)
+    parts = {}
+
+    def part_for(cfg: GemmConfig):
+        if stats and cfg not in parts:
+            parts[cfg] = empty((3, triton.cdiv(I, cfg.block_i), J), dtype=torch.float32, device=c.device)
+        return parts.get(cfg)
+
+    def launch(cfg: GemmConfig):
+        part = part_for(cfg)
+        grid = (triton.cdiv(I, cfg.block_i) * triton.cdiv(J, cfg.block_j), split_k)
+        _gemm_kernel[grid](
+            a, b, c,
+            bias if bias is not None else dummy,
+            apply[0] if apply else dummy, apply[1] if apply else dummy,
+            part if part is not None else dummy,
+            pro.get("scale", dummy) if pro.get("scale") is not None else dummy,
+            pro.get("shift", dummy) if pro.get("shift") is not None else dummy,
+            pro.get("residual") if pro.get("residual") is not None else dummy,
+            I, J, K, k_per_split, triton.cdiv(I, cfg.block_i) * J,
+            *a_rows.args(), stride_ak, *b_k.args(), stride_bj, *c_rows.args(), stride_cj, stride_csplit,
+            A_DIMS=a_rows.dims, B_DIMS=b_k.dims, C_DIMS=c_rows.dims,
+            PRO_ACT=pro.get("act", -1), PRO_AFFINE=pro.get("scale") is not None,
+            HAS_RES=pro.get("residual") is not None,
+            HAS_BIAS=bias is not None, STATS=stats, APPLY=apply is not None, ACT=act,
+            DOT_F32=dot_f32, PRECISION=precision, **cfg.meta())
+
+    if config is None:
+        key = (I, J, K, a.dtype, c.dtype, a_rows.dims, b_k.dims, c_rows.dims, stride_ak == 1, stride_bj == 1,
+               stride_cj == 1, bias is not None, stats, apply is not None, act, tuple(sorted(pro)), split_k,
+               precision, a.device.index)
+        # the default keeps 3 stages of 32 KB tiles in shared memory (fits any GPU since Ampere)
+        default = GemmConfig(128, 128, 32 if a.dtype == torch.float32 else 64, 8, 8, 3)
+        config = _pick_config(key, I, J, default, launch, c.device)
+    launch(config)
+    return part_for(config)
+
+
+def split_plan(K: int, split_k: int) -> Tuple[int, int]:
+    """(K per split, number of splits) for about ``split_k`` splits; each split is a multiple of 64
+    (of every BLOCK_K), so only the last one is ragged."""
+    if split_k <= 1:
+        return K, 1
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), 64) * 64
+    return k_per_split, triton.cdiv(K, k_per_split)
+
+
+
+
+def _rowwise_config(M: int, C: int, device: torch.device) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, programs along M, row tiles per program) for the row-wise passes: enough
+    programs to fill the GPU, few enough that the [T, C] partials stay small."""
+    if interpreting(device):
+        block_m, block_c, tiles_per_prog = 8, 16, 2  # > 1 tile per program exercises the loop
+        return block_m, block_c, triton.cdiv(M, block_m * tiles_per_prog), tiles_per_prog
+    block_m, block_c = 32, min(128, triton.next_power_of_2(max(C, 16)))
+    row_tiles = triton.cdiv(M, block_m)
+    progs = max(1, min(row_tiles, 8 * num_sms(device) // triton.cdiv(C, block_c)))
+    tiles_per_prog = triton.cdiv(row_tiles, progs)
+    return block_m, block_c, triton.cdiv(row_tiles, tiles_per_prog), tiles_per_prog
+
+
+def _conv_weight(weight: Tensor) -> Tuple[int, int, int, int]:
+    """(Cout, Cin, stride over Cout, stride over Cin) of a [Cout, Cin, 1, 1] conv weight."""
+    return weight.shape[0], weight.shape[1], weight.stride(0), weight.stride(1)
+
+
+def _split_k(tiles: int, K: int, device: torch.device) -> int:
+    """How many K splits the weight-gradient GEMM needs to fill the GPU (K = M is long, the output small)."""
+    if interpreting(device):
+        return 2 if K > 64 else 1  # exercised by the tests
+    want = triton.cdiv(2 * num_sms(device), max(tiles, 1))
+    return max(1, min(want, K // 1024))
+
+
+def _apply_block(M: int, cout: int, device) -> Tuple[int, int]:
+    return (8, 16) if interpreting(device) else (64, min(128, triton.next_power_of_2(max(cout, 16))))
+
+
+# ====================================================================== the contract (ops/pointwise_block.py)
+
+
+def unsupported(**config) -> Optional[str]:
+    """Limits of this backend beyond the contract's own checks: none (any strides, int64 offsets)."""
+    return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, stats: bool):
+    """p = r W^T + b as a row-major [M, Cout] matrix, and (``stats``) the [3, T, Cout] partials of act(p)."""
+    N, _, H, W = x.shape
+    cout, cin, s_wo, s_wi = _conv_weight(weight)
+    M = N * H * W
+    p = empty((M, cout), dtype=x.dtype, device=x.device)
+    part = gemm(x, _pixels(x), x.stride(1), weight, _linear(s_wi), s_wo, p, _linear(cout), 1, M, cout, cin,
+                bias=bias, stats=stats, act=act)
+    return p, part
+
+
+def apply(p: Tensor, x: Tensor, finalized: Tensor, act: int) -> Tensor:
+    """z = act(p) * scale + shift in x's memory format (p: [M, Cout] row-major)."""
+    M, cout = p.shape
+    z = _output_like(x, cout)
+    block_m, block_c = _apply_block(M, cout, x.device)
+    zr = _pixels(z)
+    _apply_kernel[(triton.cdiv(M, block_m), triton.cdiv(cout, block_c))](
+        p, z, finalized[SCALE], finalized[SHIFT], M, cout, *zr.args(), z.stride(1), Z_DIMS=zr.dims,
+        ACT=act, BLOCK_M=block_m, BLOCK_C=block_c)
+    return z
+
+
+def linear_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], finalized: Tensor, act: int) -> Tensor:
+    """Eval without a backward: z = act(r W^T + b) * scale + shift in one GEMM (read r, write z)."""
+    N, _, H, W = x.shape
+    cout, cin, s_wo, s_wi = _conv_weight(weight)
+    z = _output_like(x, cout)
+    gemm(x, _pixels(x), x.stride(1), weight, _linear(s_wi), s_wo, z, _pixels(z), z.stride(1), N * H * W, cout, cin,
+         bias=bias, apply=(finalized[SCALE], finalized[SHIFT]), act=act)
+    return z
+
+
+def grad_sums(dz: Tensor, p: Tensor, stats: Tensor, act: int) -> Tensor:
+    """[2, Cout] float32: (sum dz, sum dz * xhat) per channel."""
+    M, cout = p.shape
+    dz_rows = _pixels(dz)
+    block_m, block_c, progs, tiles_per_prog = _rowwise_config(M, cout, p.device)
+    part = empty((progs, 2, cout), dtype=torch.float32, device=p.device)
+    _bn_bwd_kernel[(progs, triton.cdiv(cout, block_c))](
+        dz, p, p, part, stats[MEAN], stats[RSTD], stats, M, cout, tiles_per_prog, *dz_rows.args(), dz.stride(1),
+        DZ_DIMS=dz_rows.dims, ACT=act, TRAIN=True, STORE_DP=False, BLOCK_M=block_m, BLOCK_C=block_c)
+    return sum_rows(part)
+
+
+def input_grad(dz: Tensor, p: Tensor, x: Tensor, weight: Tensor, coef: Tensor, act: int, train: bool,
+               need_dx: bool, need_dw: bool, need_db: bool):
+    """(dx, dW, db): dp = act'(p) * (k1*(dz - mean_dy) + k2*(act(p) - mean)) materialized once (coef = [4, Cout]),
+    then dx = dp W and dW = dp^T r; a gradient not asked for is an empty tensor."""
+    M, cout = p.shape
+    cin = weight.shape[1]
+    _, _, s_wo, s_wi = _conv_weight(weight)
+    dev = x.device
+    dz_rows = _pixels(dz)
+    block_m, block_c, progs, tiles_per_prog = _rowwise_config(M, cout, dev)
+    dp = empty((M, cout), dtype=x.dtype, device=dev)
+    part_db = empty((progs, cout), dtype=torch.float32, device=dev)
+    _bn_bwd_kernel[(progs, triton.cdiv(cout, block_c))](
+        dz, p, dp, part_db, coef, coef, coef, M, cout, tiles_per_prog, *dz_rows.args(), dz.stride(1),
+        DZ_DIMS=dz_rows.dims, ACT=act, TRAIN=train, STORE_DP=True, BLOCK_M=block_m, BLOCK_C=block_c)
+    db = sum_rows(part_db, dtype=weight.dtype) if need_db else x.new_empty(0)
+    dx = x.new_empty(0)
+    if need_dx:  # dr[m, cin] = sum_cout dp[m, cout] weight[cout, cin]
+        dx = _output_like(x, cin)
+        gemm(dp, _linear(cout), 1, weight, _linear(s_wo), s_wi, dx, _pixels(dx), dx.stride(1), M, cin, cout)
+    dw = x.new_empty(0)
+    if need_dw:  # dW[cout, cin] = sum_m dp[m, cout] x[m, cin]: K = M, split when the output is small
+        split = _split_k(triton.cdiv(cout, 128) * triton.cdiv(cin, 128), M, dev)
+        if split == 1:
+            dw = empty((cout, cin), dtype=weight.dtype, device=dev)
+            gemm(dp, _linear(1), cout, x, _pixels(x), x.stride(1), dw, _linear(cin), 1, cout, cin, M)
+        else:
+            _, split = split_plan(M, split)
+            part_w = empty((split, cout, cin), dtype=torch.float32, device=dev)
+            gemm(dp, _linear(1), cout, x, _pixels(x), x.stride(1), part_w, _linear(cin), 1, cout, cin, M,
+                 split_k=split, stride_csplit=cout * cin)
+            dw = sum_rows(part_w, dtype=weight.dtype)
+        dw = dw.view(weight.shape)
+    return dx, dw, db
