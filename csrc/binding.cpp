@@ -272,7 +272,7 @@ Tensor grad_reduce(const Tensor& dy, const Tensor& a, const Tensor& mean, int64_
   return stats;
 }
 
-// [dx, dw_part [G, RG, C, KH, KW], db_part [G, RG, C]];
+// [dx, dw_part [G, RG, C, KH, KW] (a view of channel-fastest storage), db_part [G, RG, C]];
 // dg = coef_dy * dy + coef_g * (act(a) - mean) + coef_const (only coef_dy when !batch_stats_grad)
 std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x, const Tensor& weight,
                              const Tensor& mean, const Tensor& coef_dy, const Tensor& coef_g, const Tensor& coef_const,
@@ -299,7 +299,8 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x,
   p.batch_stats_grad = batch_stats_grad;
   const cmk::ConvPlan plan = cmk::plan_backward(p, sm_count(x));
   check_plan(plan.error, p, "depthwise backward");
-  Tensor dw_part = float_empty(x, {plan.groups, plan.row_groups, p.C, p.KH, p.KW});
+  // Stored channel fastest (the kernels' coalesced writes), returned as a [G, RG, C, KH, KW] view.
+  Tensor dw_part = float_empty(x, {plan.groups, plan.row_groups, p.KH, p.KW, p.C}).permute({0, 1, 4, 2, 3});
   Tensor db_part = float_empty(x, {plan.groups, plan.row_groups, p.C});
   p.dw_part = dw_part.data_ptr<float>();
   p.db_part = db_part.data_ptr<float>();

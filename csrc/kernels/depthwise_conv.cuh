@@ -15,6 +15,8 @@
 // flipped weights: dx[h, w] = sum_{i,j} w[i, j] * da[h + pt - i, w + pl - j].
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace cmk {
@@ -30,28 +32,35 @@ struct ThreadSlot {
 template <class Tile>
 __device__ __forceinline__ ThreadSlot thread_slot(int tid) {
   ThreadSlot s;
-  if (Tile::kChannelsLast) {  // lanes = channels
+  if (Tile::kChannelsLast) {  // lanes = channels, then strips of consecutive rows (see smem_row_width)
     s.c = tid % Tile::CB;
     s.strip = tid / Tile::CB;
+    s.row = s.strip % Tile::TH;
+    s.col0 = (s.strip / Tile::TH) * Tile::RW;
   } else {  // lanes = strips of one channel plane, strip index fastest along W
     s.c = tid / Tile::STRIPS;
     s.strip = tid % Tile::STRIPS;
+    s.row = s.strip / Tile::S;
+    s.col0 = (s.strip % Tile::S) * Tile::RW;
   }
-  s.row = s.strip / Tile::S;
-  s.col0 = (s.strip % Tile::S) * Tile::RW;
   return s;
 }
 
-// A [CB][rows][width] float array in shared memory (stored [rows][width][CB] for channels_last,
-// so that the 32 lanes of a warp, which differ in the channel, hit 32 different banks).
-template <class Tile>
+// A [CB][rows][width] float array in shared memory (stored [rows][width][CS] for channels_last,
+// so that the lanes of a warp, which differ in the channel, hit different banks; CS = CB + 1
+// for the weight tile, see weight_tile_floats).
+template <class Tile, int CS = Tile::CB>
 struct SmemTile {
   float* base;
   int width, rows;
   __device__ __forceinline__ float& at(int c, int q, int v) const {
-    return Tile::kChannelsLast ? base[(q * width + v) * Tile::CB + c] : base[(c * rows + q) * width + v];
+    return Tile::kChannelsLast ? base[(q * width + v) * CS + c] : base[(c * rows + q) * width + v];
   }
 };
+
+// The weight tile's type: channel stride CB + 1 on the channels_last path.
+template <class Tile>
+using WeightTile = SmemTile<Tile, Tile::kChannelsLast ? Tile::CB + 1 : Tile::CB>;
 
 struct TilePos {
   int n, h0, w0;
@@ -151,24 +160,15 @@ __device__ void load_tile(const DepthwiseParams& p, const SmemTile<Tile>& dst, i
 
 // dst.at(c, i, j) = weight of channel c0 + c at kernel row i0 + i, column j (i < kc); `flip`
 // stores the chunk rotated by 180 degrees, w[i0 + kc - 1 - i][KW - 1 - j], for the backward.
+// Lanes run over consecutive taps of a channel (coalesced: the weight is [C, KH, KW] contiguous).
 template <class Tile, typename T>
-__device__ void load_weights(const DepthwiseParams& p, const SmemTile<Tile>& dst, int c0, int i0, int kc, int KH,
+__device__ void load_weights(const DepthwiseParams& p, const WeightTile<Tile>& dst, int c0, int i0, int kc, int KH,
                              int KW, bool flip) {
   const T* weight = static_cast<const T*>(p.weight);
   const int total = Tile::CB * kc * KW;
   for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
-    int c, i, j;
-    if (Tile::kChannelsLast) {
-      c = e % Tile::CB;
-      const int rest = e / Tile::CB;
-      j = rest % KW;
-      i = rest / KW;
-    } else {
-      j = e % KW;
-      const int rest = e / KW;
-      i = rest % kc;
-      c = rest / kc;
-    }
+    const int j = e % KW, rest = e / KW;
+    const int i = rest % kc, c = rest / kc;
     const int si = flip ? i0 + kc - 1 - i : i0 + i;
     const int sj = flip ? KW - 1 - j : j;
     const int cg = c0 + c;
@@ -179,7 +179,7 @@ __device__ void load_weights(const DepthwiseParams& p, const SmemTile<Tile>& dst
 // acc[t] += sum_{i < kc, j < KW} wts(c, i, j) * src(c, row + i, col0 + t + j) for t < RW: the
 // stride-1 correlation of one strip, from a register window sliding along W.
 template <class Tile, int K_>
-__device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTile<Tile>& src, const SmemTile<Tile>& wts,
+__device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTile<Tile>& src, const WeightTile<Tile>& wts,
                                            int c, int row, int col0, int kc, int KW) {
   constexpr int RW = Tile::RW;
   if constexpr (K_ > 0) {  // the whole K_ x K_ kernel in one chunk, fully unrolled
@@ -217,6 +217,11 @@ __device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTil
   }
 }
 
+// Two 256-thread (four 128-thread) blocks per SM: at most 128 registers, so ptxas must fit them
+// without spills (checked with -Xptxas -v).
+template <class Tile>
+constexpr int kMinBlocks = 512 / Tile::THREADS;
+
 // ------------------------------------------------------------------ forward
 
 // Combine each channel's per-thread statistics over the block's strips with a fixed tree
@@ -253,7 +258,7 @@ __device__ void write_tile_stats(const DepthwiseParams& p, const ConvPlan& plan,
 // training: a = dwconv(x) + b (stored in the activation dtype) and per-tile statistics of act(a);
 // eval:     y = act(a) * scale + shift + x, the whole block in one pass.
 template <class Tile, typename T, int K_>
-__global__ void __launch_bounds__(Tile::THREADS)
+__global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
     depthwise_forward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
                              const bool training) {
   constexpr int RW = Tile::RW;
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__(Tile::THREADS)
 
   float* smem = dynamic_smem<float>();
   const SmemTile<Tile> xs{smem, plan.smem_width, plan.rows_alloc};
-  const SmemTile<Tile> ws{smem + plan.off_w, KW, plan.row_chunk};
+  const WeightTile<Tile> ws{smem + plan.off_w, KW, plan.row_chunk};
   const InputValue<T> xval{static_cast<const T*>(p.x.data), p.x};
 
   float acc[RW];
@@ -327,74 +332,87 @@ __global__ void __launch_bounds__(Tile::THREADS)
 }
 
 // ------------------------------------------------------------------ backward
+//
+// One da halo tile serves both outputs. With das(q, v) = da(h0 + pt - i0 - kc + 1 + q, w0 + pl - KW + 1 + v)
+// (the rows that kernel rows [i0, i0 + kc) carry) and the flipped tap index (ii, jj) of kernel
+// tap (i0 + kc - 1 - ii, KW - 1 - jj), for a tile position (r, v):
+//   dx(r, v)   += w(i0 + kc - 1 - ii, KW - 1 - jj) * das(r + ii, v + jj)
+//   dw(ii, jj) += x(r, v) * das(r + ii, v + jj)
+// The second is design.md's dw = sum_p da(p) x(p + tap - pad) re-indexed over the x positions
+// q = p + tap - pad, with da zero outside the map: x needs no halo and the whole kernel fits one
+// pass for the channels_last tiles.
 
-// dW and dB of one tile for the kernel rows [i0, i0 + kc):
-//   dw[c, i, j] += sum_{r, v} da(c, r, v) * x(c, r + i - pt, v + j - pl),   db[c] += sum_{r, v} da(c, r, v)
-// over the tile's own positions (r, v). One work item = (channel, row group, tap block, kernel
-// row); its partial in dw_part[group][row group] has exactly one writer, and the block visits its
-// tiles in a fixed order, so the result is deterministic. xs holds the x rows from
-// h0 - pt + i0; dac the tile's own da.
-template <class Tile, int K_>
-__device__ void weight_grad(const DepthwiseParams& p, const ConvPlan& plan, const SmemTile<Tile>& xs,
-                            const SmemTile<Tile>& dac, int c0, int group, int i0, int kc, int KH, int KW,
-                            bool first_tile) {
-  constexpr int JB = K_ > 0 ? K_ : kTapBlock;
-  const int JG = (KW + JB - 1) / JB;
-  const int RG = plan.row_groups, RPG = Tile::TH / RG;
-  const int items = Tile::CB * RG * JG * kc;
-  const int last_col = Tile::TW + KW - 2;  // the x tile holds columns [0, TW + KW - 1)
-  for (int it = threadIdx.x; it < items; it += Tile::THREADS) {
-    const int c = it % Tile::CB;
-    int rest = it / Tile::CB;
-    const int rg = rest % RG;
-    rest /= RG;
-    const int jg = rest % JG, ii = rest / JG;
-    const int j0 = jg * JB, nj = imin(JB, KW - j0);
-    float dw[JB], db = 0.f;
+// A weight-gradient work item: channel, flipped kernel row of the chunk, tap block, row group.
+// Channel fastest, then the kernel row: lanes that share a channel read different da rows.
+struct DwItem {
+  int c, ii, jg, rg;
+};
+
+template <class Tile>
+__device__ __forceinline__ DwItem dw_item(int it, int kc, int JG) {
+  DwItem d;
+  d.c = it % Tile::CB;
+  int rest = it / Tile::CB;
+  d.ii = rest % kc;
+  rest /= kc;
+  d.jg = rest % JG;
+  d.rg = rest / JG;
+  return d;
+}
+
+// dw[j] += sum_{r in [r0, r1), v} xc(c, r, v) * das(c, r + ii, v + j0 + j) for j < nj (JB taps
+// from a register window sliding along v; the tail block's missing taps read a clamped column
+// and are skipped, not multiplied: 0 * inf is NaN).
+template <class Tile, int JB, bool EXACT>
+__device__ __forceinline__ void dw_accumulate(float (&dw)[JB], const SmemTile<Tile>& das, const SmemTile<Tile>& xc,
+                                              int c, int ii, int j0, int nj, int r0, int r1, int last_col) {
+  auto col = [&](int cc) { return EXACT ? cc : imin(cc, last_col); };
+  for (int r = r0; r < r1; ++r) {
+    float win[JB];
 #pragma unroll
-    for (int j = 0; j < JB; ++j) dw[j] = 0.f;
-    // x tile column of window slot j at step v; the tail block's missing taps (j >= nj) read a
-    // clamped in-tile column and are never used.
-    auto x_col = [&](int col) { return K_ > 0 ? col : imin(col, last_col); };
-    for (int r = rg * RPG; r < (rg + 1) * RPG; ++r) {
-      float win[JB];  // win[j] = x tile at (r + ii, v + j0 + j), sliding with v
+    for (int j = 0; j < JB; ++j) win[j] = das.at(c, r + ii, col(j0 + j));
 #pragma unroll
-      for (int j = 0; j < JB; ++j) win[j] = xs.at(c, r + ii, x_col(j0 + j));
-#pragma unroll
-      for (int v = 0; v < Tile::TW; ++v) {
-        const float d = dac.at(c, r, v);
-        db += d;
-#pragma unroll
-        for (int j = 0; j < JB; ++j)
-          if (j < nj) dw[j] = fmaf(d, win[j], dw[j]);  // skipped, not multiplied: 0 * inf is NaN
-        if (v + 1 < Tile::TW) {
-#pragma unroll
-          for (int j = 0; j + 1 < JB; ++j) win[j] = win[j + 1];
-          win[JB - 1] = xs.at(c, r + ii, x_col(v + j0 + JB));
-        }
-      }
-    }
-    const int cg = c0 + c;
-    if (cg < p.C) {
-      const int64_t part = static_cast<int64_t>(group) * RG + rg;
-      float* dst = p.dw_part + ((part * p.C + cg) * KH + (i0 + ii)) * KW + j0;
+    for (int v = 0; v < Tile::TW; ++v) {
+      const float xv = xc.at(c, r, v);
 #pragma unroll
       for (int j = 0; j < JB; ++j)
-        if (j < nj) dst[j] = first_tile ? dw[j] : dst[j] + dw[j];
-      if (i0 + ii == 0 && jg == 0) {
-        float* dbp = p.db_part + part * p.C + cg;
-        *dbp = first_tile ? db : *dbp + db;
+        if (EXACT || j < nj) dw[j] = fmaf(xv, win[j], dw[j]);
+      if (v + 1 < Tile::TW) {
+#pragma unroll
+        for (int j = 0; j + 1 < JB; ++j) win[j] = win[j + 1];
+        win[JB - 1] = das.at(c, r + ii, col(v + j0 + JB));
       }
     }
   }
 }
 
+// db += the tile's own da over rows [r0, r1): the centre of the halo, present in the chunk that
+// holds kernel row pt (flipped row ii = i0 + kc - 1 - pt) at column offset KW - 1 - pl.
+template <class Tile>
+__device__ __forceinline__ float db_accumulate(float db, const SmemTile<Tile>& das, int c, int ii, int col0, int r0,
+                                               int r1) {
+  for (int r = r0; r < r1; ++r)
+#pragma unroll
+    for (int v = 0; v < Tile::TW; ++v) db += das.at(c, r + ii, col0 + v);
+  return db;
+}
+
 // dx = dy + dwconv^T(da) and the dW/dB partials, da = dg * act'(a) recomputed from dy and a
-// (never stored). Block = (channel block, group of consecutive tiles).
+// (never stored). Block = (channel block, group of consecutive tiles, visited in order).
+// Partials: dw_part [group][row group][KH][KW][C] (channel fastest: coalesced), db_part
+// [group][row group][C]; each element has one writer, so the result is deterministic.
+//   K_ > 0: the whole kernel in one pass; each thread keeps its items' dW/dB in registers over
+//           all tiles of its group and writes them once at the end;
+//   K_ = 0: any kernel; per tile, each item adds its partial into dw_part (first tile: stores).
 template <class Tile, typename T, int K_>
-__global__ void __launch_bounds__(Tile::THREADS) depthwise_backward_kernel(__grid_constant__ const DepthwiseParams p,
-                                                                           __grid_constant__ const ConvPlan plan) {
+__global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
+    depthwise_backward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
   constexpr int RW = Tile::RW;
+  constexpr int JB = K_ > 0 ? K_ : kTapBlock;
+  // compile-time item layout of the register path (the plan computes the same row groups)
+  constexpr int RG_K = K_ > 0 ? dw_row_groups(Tile::CB, Tile::TH, 1, K_, Tile::THREADS) : 1;
+  constexpr int ITEMS_K = Tile::CB * RG_K * (K_ > 0 ? K_ : 1);
+  constexpr int MAXIT = K_ > 0 ? (ITEMS_K + Tile::THREADS - 1) / Tile::THREADS : 1;
   const int KH = K_ > 0 ? K_ : p.KH;
   const int KW = K_ > 0 ? K_ : p.KW;
   const int KC = K_ > 0 ? K_ : plan.row_chunk;
@@ -403,34 +421,84 @@ __global__ void __launch_bounds__(Tile::THREADS) depthwise_backward_kernel(__gri
   const int64_t t_begin = static_cast<int64_t>(group) * plan.tiles_per_group;
   const int64_t t_end = t_begin + plan.tiles_per_group < plan.tiles ? t_begin + plan.tiles_per_group : plan.tiles;
   const ThreadSlot me = thread_slot<Tile>(threadIdx.x);
+  const bool one_pass = KC >= KH;
 
   float* smem = dynamic_smem<float>();
-  const SmemTile<Tile> xs{smem, plan.smem_width, plan.rows_alloc};
   const SmemTile<Tile> das{smem + plan.off_da, plan.smem_width, plan.rows_alloc};
-  const SmemTile<Tile> ws{smem + plan.off_w, KW, plan.row_chunk};
-  const SmemTile<Tile> dac{smem + plan.off_dac, plan.dac_width, Tile::TH};
+  const WeightTile<Tile> ws{smem + plan.off_w, KW, plan.row_chunk};
+  const SmemTile<Tile> xc{smem + plan.off_dac, plan.dac_width, Tile::TH};
   const InputValue<T> xval{static_cast<const T*>(p.x.data), p.x};
   const GradPreactValue<T> daval{p};
+  const int RG = plan.row_groups, RPG = Tile::TH / RG;
+  const int JG = (KW + JB - 1) / JB;
+  const int last_col = Tile::TW + KW - 2;  // the da tile holds columns [0, TW + KW - 1)
+
+  float dwr[MAXIT][JB], dbr[MAXIT];  // register path only
+#pragma unroll
+  for (int s = 0; s < MAXIT; ++s) {
+    dbr[s] = 0.f;
+#pragma unroll
+    for (int j = 0; j < JB; ++j) dwr[s][j] = 0.f;
+  }
+  if (one_pass) load_weights<Tile, T>(p, ws, c0, 0, KH, KH, KW, true);  // hoisted: every tile uses all of it
 
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     const TilePos tp = tile_pos(plan, tile);
-    __syncthreads();  // nobody still reads the previous tile's da
-    load_tile<Tile, T>(p, dac, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW, daval);
+    __syncthreads();  // nobody still reads the previous tile
+    load_tile<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW, xval);
     float acc[RW];
 #pragma unroll
     for (int t = 0; t < RW; ++t) acc[t] = 0.f;
     for (int i0 = 0; i0 < KH; i0 += KC) {
       const int kc = imin(KC, KH - i0);
-      __syncthreads();  // nobody still reads the previous chunk
-      load_tile<Tile, T>(p, xs, tp.n, c0, tp.h0 - p.pad_top + i0, tp.w0 - p.pad_left, Tile::TH + kc - 1,
-                         Tile::TW + KW - 1, xval);
-      // da rows that kernel rows [i0, i0 + kc) carry to the tile's dx rows
+      if (i0 > 0) __syncthreads();  // nobody still reads the previous chunk
       load_tile<Tile, T>(p, das, tp.n, c0, tp.h0 + p.pad_top - i0 - kc + 1, tp.w0 + p.pad_left - KW + 1,
                          Tile::TH + kc - 1, Tile::TW + KW - 1, daval);
-      load_weights<Tile, T>(p, ws, c0, i0, kc, KH, KW, true);
+      if (!one_pass) load_weights<Tile, T>(p, ws, c0, i0, kc, KH, KW, true);
       __syncthreads();
       conv_strip<Tile, K_>(acc, das, ws, me.c, me.row, me.col0, kc, KW);
-      weight_grad<Tile, K_>(p, plan, xs, dac, c0, group, i0, kc, KH, KW, tile == t_begin);
+      const int db_ii = i0 + kc - 1 - p.pad_top;  // the chunk's flipped row of kernel row pt, if it has it
+      const int db_col = KW - 1 - p.pad_left;
+      if constexpr (K_ > 0) {
+#pragma unroll
+        for (int s = 0; s < MAXIT; ++s) {
+          const int it = threadIdx.x + s * Tile::THREADS;
+          if (it < ITEMS_K) {
+            const DwItem d = dw_item<Tile>(it, K_, 1);
+            constexpr int RPG_K = Tile::TH / RG_K;
+            dw_accumulate<Tile, JB, true>(dwr[s], das, xc, d.c, d.ii, 0, K_, d.rg * RPG_K, (d.rg + 1) * RPG_K, last_col);
+            if (d.ii == db_ii) dbr[s] = db_accumulate<Tile>(dbr[s], das, d.c, d.ii, db_col, d.rg * RPG_K, (d.rg + 1) * RPG_K);
+          }
+        }
+      } else {
+        const int items = Tile::CB * RG * JG * kc;
+        for (int it = threadIdx.x; it < items; it += Tile::THREADS) {
+          const DwItem d = dw_item<Tile>(it, kc, JG);
+          const int j0 = d.jg * JB, nj = imin(JB, KW - j0);
+          float dw[JB];
+#pragma unroll
+          for (int j = 0; j < JB; ++j) dw[j] = 0.f;
+          dw_accumulate<Tile, JB, false>(dw, das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG, last_col);
+          const int cg = c0 + d.c;
+          if (cg < p.C) {
+            const bool first = tile == t_begin;
+            const int64_t part = static_cast<int64_t>(group) * RG + d.rg;
+            const int ti = i0 + kc - 1 - d.ii;
+#pragma unroll
+            for (int j = 0; j < JB; ++j) {
+              if (j < nj) {
+                float* dst = p.dw_part + ((part * KH + ti) * KW + (KW - 1 - j0 - j)) * p.C + cg;
+                *dst = first ? dw[j] : *dst + dw[j];
+              }
+            }
+            if (d.ii == db_ii && d.jg == 0) {
+              float* dbp = p.db_part + part * p.C + cg;
+              const float db = db_accumulate<Tile>(0.f, das, d.c, d.ii, db_col, d.rg * RPG, (d.rg + 1) * RPG);
+              *dbp = first ? db : *dbp + db;
+            }
+          }
+        }
+      }
     }
     const int c = c0 + me.c, h = tp.h0 + me.row, w0 = tp.w0 + me.col0;
     if (c < p.C && h < p.H) {
@@ -440,6 +508,23 @@ __global__ void __launch_bounds__(Tile::THREADS) depthwise_backward_kernel(__gri
       for (int t = 0; t < RW; ++t) {
         if (w0 + t < p.W)
           dx[offset(p.dx, tp.n, c, h, w0 + t)] = from_float<T>(to_float(dy[offset(p.dy, tp.n, c, h, w0 + t)]) + acc[t]);
+      }
+    }
+  }
+  if constexpr (K_ > 0) {  // written once per block, lanes over channels
+#pragma unroll
+    for (int s = 0; s < MAXIT; ++s) {
+      const int it = threadIdx.x + s * Tile::THREADS;
+      if (it < ITEMS_K) {
+        const DwItem d = dw_item<Tile>(it, K_, 1);
+        const int cg = c0 + d.c;
+        if (cg < p.C) {
+          const int64_t part = static_cast<int64_t>(group) * RG_K + d.rg;
+          const int ti = K_ - 1 - d.ii;
+#pragma unroll
+          for (int j = 0; j < K_; ++j) p.dw_part[((part * K_ + ti) * K_ + (K_ - 1 - j)) * p.C + cg] = dwr[s][j];
+          if (d.ii == K_ - 1 - p.pad_top) p.db_part[part * p.C + cg] = dbr[s];
+        }
       }
     }
   }
@@ -465,13 +550,15 @@ const char* launch_forward_tile(const DepthwiseParams& p, const ConvPlan& plan, 
 
 template <class Tile, typename T>
 const char* launch_backward_tile(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
-  void (*kernel)(DepthwiseParams, ConvPlan) = nullptr;
-  switch (plan.kernel_k) {
-    case 3: kernel = depthwise_backward_kernel<Tile, T, 3>; break;
-    case 5: kernel = depthwise_backward_kernel<Tile, T, 5>; break;
-    case 7: kernel = depthwise_backward_kernel<Tile, T, 7>; break;
-    case 9: kernel = depthwise_backward_kernel<Tile, T, 9>; break;
-    default: kernel = depthwise_backward_kernel<Tile, T, 0>; break;
+  void (*kernel)(DepthwiseParams, ConvPlan) = depthwise_backward_kernel<Tile, T, 0>;
+  if constexpr (!std::is_same<Tile, ClBackwardLargeTile>::value) {  // the large tile only runs large kernels
+    switch (plan.kernel_k) {
+      case 3: kernel = depthwise_backward_kernel<Tile, T, 3>; break;
+      case 5: kernel = depthwise_backward_kernel<Tile, T, 5>; break;
+      case 7: kernel = depthwise_backward_kernel<Tile, T, 7>; break;
+      case 9: kernel = depthwise_backward_kernel<Tile, T, 9>; break;
+      default: break;
+    }
   }
   if (const char* err = allow_smem(kernel, plan.smem_bytes)) return err;
   CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(plan.threads), plan.smem_bytes, stream, p, plan);
@@ -486,8 +573,9 @@ const char* depthwise_forward_t(const DepthwiseParams& p, const ConvPlan& plan, 
 
 template <typename T>
 const char* depthwise_backward_t(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
-  return p.channels_last ? launch_backward_tile<ClBackwardTile, T>(p, plan, stream)
-                         : launch_backward_tile<NchwBackwardTile, T>(p, plan, stream);
+  if (!p.channels_last) return launch_backward_tile<NchwBackwardTile, T>(p, plan, stream);
+  return plan.large_tile ? launch_backward_tile<ClBackwardLargeTile, T>(p, plan, stream)
+                         : launch_backward_tile<ClBackwardTile, T>(p, plan, stream);
 }
 
 }  // namespace cmk

@@ -52,7 +52,7 @@ struct DepthwiseParams {
 
   // ---- float32 outputs
   float* stats = nullptr;    // forward training: [3, tiles, C] (count, mean, M2 of act(a)); reduce: [2, tiles, C]
-  float* dw_part = nullptr;  // backward: [groups, row_groups, C, KH, KW]
+  float* dw_part = nullptr;  // backward: [groups, row_groups, KH, KW, C] (channel fastest)
   float* db_part = nullptr;  // backward: [groups, row_groups, C]
 };
 

@@ -34,15 +34,23 @@ struct Tile {
   static_assert((TH & (TH - 1)) == 0, "row groups of the dW reduction divide TH");
 };
 
-// The backward tiles are smaller: they hold two halo tiles (x and da) instead of one.
-using ClForwardTile = Tile<true, 32, 8, 16, 16>;     // 256 threads
-using ClBackwardTile = Tile<true, 32, 8, 8, 8>;      // 256 threads
-using NchwForwardTile = Tile<false, 2, 32, 32, 16>;  // 128 threads
-using NchwBackwardTile = Tile<false, 2, 16, 32, 8>;  // 128 threads
+// Backward: the da halo tile (what dx needs) also serves the weight gradient, re-indexed over
+// the x positions of the tile (see depthwise_conv.cuh), so x is staged without a halo and every
+// supported kernel runs in one pass on the channels_last path:
+//   ClBackwardTile       32 channels, 8x16: k up to about 11 within kSmemBudget;
+//   ClBackwardLargeTile   8 channels, 16x16: larger k (up to 31) within kSmemBudgetLarge; 8
+//                         channels are 16 (bf16/f16) or 32 (f32) contiguous bytes per position.
+using ClForwardTile = Tile<true, 32, 8, 16, 16>;      // 256 threads
+using ClBackwardTile = Tile<true, 32, 8, 16, 16>;     // 256 threads
+using ClBackwardLargeTile = Tile<true, 8, 16, 16, 8>; // 256 threads
+using NchwForwardTile = Tile<false, 2, 32, 32, 16>;   // 128 threads
+using NchwBackwardTile = Tile<false, 2, 16, 32, 8>;   // 128 threads
 static_assert(ClForwardTile::THREADS == 256 && ClBackwardTile::THREADS == 256, "");
+static_assert(ClBackwardLargeTile::THREADS == 256, "");
 static_assert(NchwForwardTile::THREADS == 128 && NchwBackwardTile::THREADS == 128, "");
 
-constexpr int64_t kSmemBudget = 99 * 1024;  // per block: two blocks fit an H100 SM (228 KB)
+constexpr int64_t kSmemBudget = 99 * 1024;       // per block: two blocks fit an H100 SM (228 KB)
+constexpr int64_t kSmemBudgetLarge = 113 * 1024; // the large-k backward tile: still two blocks (1 KB reserved each)
 constexpr int kTapBlock = 8;                // taps per register window on the general (any k) path
 constexpr int kSpecializedK[] = {3, 5, 7, 9};
 
@@ -51,16 +59,47 @@ constexpr int kElementwiseThreads = 256;
 constexpr int kPositionsPerBlock = 1024;
 
 // Floats per shared-memory tile row holding `cols` columns.
-inline int smem_row_width(bool channels_last, int cols, int rw) {
-  if (channels_last) return cols;                 // lanes differ in the channel: no padding needed
-  return cols + ((1 - cols) % rw + rw) % rw;      // = 1 (mod rw)
+//   channels_last: a warp holds 32 / cb strips in consecutive rows; a row width = 1 (mod 32 / cb)
+//                  puts their cb-channel runs into different banks (no padding when cb = 32);
+//   NCHW:          lanes are strips along W; a width = 1 (mod rw) spreads them over the banks.
+inline int smem_row_width(bool channels_last, int cols, int rw, int cb) {
+  const int m = channels_last ? (cb >= 32 ? 1 : 32 / cb) : rw;
+  return cols + ((1 - cols) % m + m) % m;
 }
 
+// Floats of a [CB][kc][KW] weight tile: channels_last pads the channel stride to CB + 1, so that
+// lanes over consecutive taps (coalesced global loads) store into different banks.
+inline int64_t weight_tile_floats(bool channels_last, int cb, int kc, int KW) {
+  return int64_t(kc) * KW * (channels_last ? cb + 1 : cb);
+}
+
+// Row groups of the backward's weight-gradient work items (channel x kernel row x tap block x
+// row group): the best balance over the threads with at most kMaxDwItems items per thread (the
+// compile-time kernels keep each item's dW in registers), the fewest row groups on ties.
+// constexpr: those kernels size their register arrays with it.
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+constexpr int kMaxDwItems = 3;
+constexpr int dw_row_groups(int cb, int th, int jg, int kc, int threads) {
+  int best = 1;
+  int64_t best_items = 0, best_slots = 1;
+  for (int rg = 1; rg <= th; rg *= 2) {
+    const int64_t items = int64_t(cb) * rg * jg * kc;
+    const int64_t per = (items + threads - 1) / threads;
+    if (per > kMaxDwItems && rg > 1) break;
+    if (items * best_slots > best_items * per * threads) {  // items / slots is a better balance
+      best = rg;
+      best_items = items;
+      best_slots = per * threads;
+    }
+  }
+  return best;
+}
 
 struct ConvPlan {
   const char* error = nullptr;  // set when this configuration cannot run (reason in words)
   int kernel_k = 0;             // 3, 5, 7, 9: compile-time specialization; 0: general path
+  bool large_tile = false;      // backward, channels_last: ClBackwardLargeTile
   int threads = 0;
   int tile_h = 0, tile_w = 0, tiles_h = 0, tiles_w = 0;
   int64_t tiles = 0;            // N * tiles_h * tiles_w, index = (n * tiles_h + th) * tiles_w + tw
@@ -69,9 +108,9 @@ struct ConvPlan {
   int row_chunk = 0;            // kernel rows per shared-memory pass (KH when it fits)
   int rows_alloc = 0;           // TH + row_chunk - 1
   int smem_width = 0;           // floats per halo-tile row (x, da)
-  int dac_width = 0;            // floats per row of the backward's centre da tile
+  int dac_width = 0;            // floats per row of the backward's x tile (no halo)
   // shared-memory carve-up, in floats
-  int off_da = 0, off_w = 0, off_dac = 0, off_stats = 0;
+  int off_da = 0, off_w = 0, off_dac = 0, off_stats = 0;  // backward: da halo at 0, weights, x tile
   int64_t smem_floats = 0;
   int64_t smem_bytes = 0;
   // backward only: blocks loop over `tiles_per_group` consecutive tiles; dW/dB partials are
@@ -97,14 +136,14 @@ inline void plan_tiles(const DepthwiseParams& p, ConvPlan& plan) {
   plan.tiles_w = ceil_div(p.W, Tile::TW);
   plan.tiles = static_cast<int64_t>(p.N) * plan.tiles_h * plan.tiles_w;
   plan.channel_groups = ceil_div(p.C, Tile::CB);
-  plan.smem_width = smem_row_width(Tile::kChannelsLast, Tile::TW + p.KW - 1, Tile::RW);
+  plan.smem_width = smem_row_width(Tile::kChannelsLast, Tile::TW + p.KW - 1, Tile::RW, Tile::CB);
 }
 
 // Largest kernel-row chunk whose shared memory fits the budget; 0 when not even one row fits.
 template <class Fn>
-inline int largest_chunk(int KH, Fn floats_for_chunk) {
+inline int largest_chunk(int KH, int64_t budget, Fn floats_for_chunk) {
   for (int kc = KH; kc >= 1; --kc)
-    if (floats_for_chunk(kc) * 4 <= kSmemBudget) return kc;
+    if (floats_for_chunk(kc) * 4 <= budget) return kc;
   return 0;
 }
 
@@ -113,15 +152,17 @@ inline ConvPlan plan_forward_tile(const DepthwiseParams& p) {
   ConvPlan plan;
   plan_tiles<Tile>(p, plan);
   const int64_t cb = Tile::CB, sw = plan.smem_width, stats = int64_t(Tile::STRIPS) * cb * 3;
-  auto floats = [&](int kc) { return cb * ((Tile::TH + kc - 1) * sw + int64_t(kc) * p.KW) + stats; };
-  plan.row_chunk = largest_chunk(p.KH, floats);
+  auto floats = [&](int kc) {
+    return cb * (Tile::TH + kc - 1) * sw + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW) + stats;
+  };
+  plan.row_chunk = largest_chunk(p.KH, kSmemBudget, floats);
   if (plan.row_chunk == 0) {
     plan.error = "the kernel is too wide for the forward kernel's shared-memory tile";
     return plan;
   }
   plan.rows_alloc = Tile::TH + plan.row_chunk - 1;
   plan.off_w = static_cast<int>(cb * plan.rows_alloc * sw);
-  plan.off_stats = static_cast<int>(plan.off_w + cb * plan.row_chunk * p.KW);
+  plan.off_stats = static_cast<int>(plan.off_w + weight_tile_floats(Tile::kChannelsLast, Tile::CB, plan.row_chunk, p.KW));
   plan.smem_floats = floats(plan.row_chunk);
   plan.smem_bytes = plan.smem_floats * 4;
   plan.kernel_k = specialization(p, plan.row_chunk);
@@ -130,22 +171,27 @@ inline ConvPlan plan_forward_tile(const DepthwiseParams& p) {
   return plan;
 }
 
+// `one_pass`: refuse plans that split the kernel rows into several passes.
 template <class Tile>
-inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms) {
+inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_t budget, bool one_pass) {
   ConvPlan plan;
   plan_tiles<Tile>(p, plan);
+  // channels_last: the lanes of a warp that share a channel read the same x element (broadcast)
   plan.dac_width = Tile::kChannelsLast ? Tile::TW : Tile::TW + 1;
-  const int64_t cb = Tile::CB, sw = plan.smem_width, dac = int64_t(Tile::TH) * plan.dac_width;
-  auto floats = [&](int kc) { return cb * (2 * (Tile::TH + kc - 1) * sw + int64_t(kc) * p.KW + dac); };
-  plan.row_chunk = largest_chunk(p.KH, floats);
-  if (plan.row_chunk == 0) {
+  const int64_t cb = Tile::CB, sw = plan.smem_width, xt = int64_t(Tile::TH) * plan.dac_width;
+  auto floats = [&](int kc) {
+    return cb * ((Tile::TH + kc - 1) * sw + xt) + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW);
+  };
+  plan.row_chunk = largest_chunk(p.KH, budget, floats);
+  if (plan.row_chunk == 0 || (one_pass && plan.row_chunk < p.KH)) {
+    plan.row_chunk = 0;
     plan.error = "the kernel is too wide for the backward kernel's shared-memory tiles";
     return plan;
   }
   plan.rows_alloc = Tile::TH + plan.row_chunk - 1;
-  plan.off_da = static_cast<int>(cb * plan.rows_alloc * sw);
-  plan.off_w = 2 * plan.off_da;
-  plan.off_dac = static_cast<int>(plan.off_w + cb * plan.row_chunk * p.KW);
+  plan.off_da = 0;
+  plan.off_w = static_cast<int>(cb * plan.rows_alloc * sw);
+  plan.off_dac = static_cast<int>(plan.off_w + weight_tile_floats(Tile::kChannelsLast, Tile::CB, plan.row_chunk, p.KW));
   plan.smem_floats = floats(plan.row_chunk);
   plan.smem_bytes = plan.smem_floats * 4;
   plan.kernel_k = specialization(p, plan.row_chunk);
@@ -156,12 +202,8 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms) {
                                      std::max<int64_t>(plan.tiles, 1));
   plan.tiles_per_group = ceil_div(std::max<int64_t>(plan.tiles, 1), groups);
   plan.groups = ceil_div(std::max<int64_t>(plan.tiles, 1), plan.tiles_per_group);  // no empty group
-  // Row groups: split the dW work of a tile until every thread has about two items.
   const int jg = plan.kernel_k ? 1 : ceil_div(p.KW, kTapBlock);
-  plan.row_groups = 1;
-  while (plan.row_groups < Tile::TH &&
-         cb * plan.row_groups * jg * plan.row_chunk < 2 * Tile::THREADS)
-    plan.row_groups *= 2;
+  plan.row_groups = dw_row_groups(Tile::CB, Tile::TH, jg, plan.row_chunk, Tile::THREADS);
   plan.blocks = static_cast<int64_t>(plan.groups) * plan.channel_groups;
   if (plan.blocks > 0x7fffffff) plan.error = "too many tiles for one grid (N*H*W*C is too large)";
   return plan;
@@ -171,9 +213,15 @@ inline ConvPlan plan_forward(const DepthwiseParams& p) {
   return p.channels_last ? plan_forward_tile<ClForwardTile>(p) : plan_forward_tile<NchwForwardTile>(p);
 }
 
+// channels_last never chunks kernel rows (each pass would recompute the da halo): the 32-channel
+// tile when the whole kernel fits, else the 8-channel tile, else the kernel is too wide.
 inline ConvPlan plan_backward(const DepthwiseParams& p, int num_sms) {
-  return p.channels_last ? plan_backward_tile<ClBackwardTile>(p, num_sms)
-                         : plan_backward_tile<NchwBackwardTile>(p, num_sms);
+  if (!p.channels_last) return plan_backward_tile<NchwBackwardTile>(p, num_sms, kSmemBudget, false);
+  ConvPlan plan = plan_backward_tile<ClBackwardTile>(p, num_sms, kSmemBudget, true);
+  if (plan.error == nullptr) return plan;
+  plan = plan_backward_tile<ClBackwardLargeTile>(p, num_sms, kSmemBudgetLarge, true);
+  plan.large_tile = true;
+  return plan;
 }
 
 // ------------------------------------------------------------------ elementwise kernels
