@@ -16,7 +16,7 @@ from torch import nn
 
 from .backends import log_event, validate_backend_name
 from .ops.activation import activation_name, make_activation
-from .ops.batchnorm import batchnorm_call
+from .ops.batchnorm import deferred_batchnorm_call
 from .ops.depthwise_block import depthwise_block, same_padding
 from .ops.pointwise_block import pointwise_block
 
@@ -90,6 +90,35 @@ def pointwise_problem(conv: nn.Module, act: nn.Module, bn: nn.Module) -> Optiona
     return _activation_problem(act) or _batchnorm_problem(bn, conv.out_channels)
 
 
+def reference_input_reason(x: torch.Tensor, conv: nn.Conv2d) -> Optional[str]:
+    """Inputs the reference conv itself rejects (its error is the right one, raised before any state
+    changes): run the reference composition for them."""
+    if x.dim() != 4:
+        return f"input has {x.dim()} dimensions"
+    if not x.is_floating_point():
+        return f"input dtype {x.dtype}"
+    if x.shape[1] != conv.in_channels:
+        return f"input has {x.shape[1]} channels, the conv expects {conv.in_channels}"
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        return f"input of shape {tuple(x.shape)} has an empty feature map"
+    return None
+
+
+def hooks_reason(*modules: nn.Module) -> Optional[str]:
+    """Why the fused kernel cannot honour these children's hooks or parametrizations, or None."""
+    from torch.nn.modules import module as module_globals
+    from torch.nn.utils import parametrize
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return "global module forward hooks are registered"
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{type(m).__name__} has forward hooks or pre-hooks (e.g. torch.nn.utils.prune, weight_norm)"
+        if parametrize.is_parametrized(m):
+            return f"{type(m).__name__} is parametrized"
+    return None
+
+
 class _FusedBase:
     """What both fused modules share: the backend attribute and the bookkeeping of the last call."""
 
@@ -106,18 +135,27 @@ class _FusedBase:
                       type(self).__name__, problem)
         self.last_backend = "torch"
 
+    def _reference_reason(self, x: torch.Tensor, conv: nn.Conv2d, structure_problem: Optional[str],
+                          *children: nn.Module) -> Optional[str]:
+        """Why this call runs the reference composition (logged once where it is the module's state,
+        silent where the reference is about to raise for the input), or None."""
+        if reference_input_reason(x, conv) is not None:
+            self.last_backend = "torch"
+            return "input"
+        problem = structure_problem or hooks_reason(*children)
+        if problem is not None:
+            self._structure_changed(problem)
+        return problem
+
 
 def _pointwise_forward(owner: _FusedBase, conv: nn.Conv2d, act: nn.Module, bn: nn.BatchNorm2d,
                        x: torch.Tensor) -> torch.Tensor:
     """The pointwise block's forward on the owner's backend (shared by the block and the layer)."""
-    problem = pointwise_problem(conv, act, bn)
-    if problem is not None or x.dim() != 4:  # the reference raises exactly as it should for non-4D
-        if problem is not None:
-            owner._structure_changed(problem)
+    if owner._reference_reason(x, conv, pointwise_problem(conv, act, bn), conv, act, bn) is not None:
         return bn(act(conv(x)))
-    z, owner.last_backend = pointwise_block(x, conv.weight, conv.bias, batchnorm_call(bn),
-                                            activation=activation_name(act), backend=owner.backend,
-                                            verdicts=owner._verdicts)
+    call, count_batch = deferred_batchnorm_call(bn)
+    z, owner.last_backend = pointwise_block(x, conv.weight, conv.bias, call, activation=activation_name(act),
+                                            backend=owner.backend, verdicts=owner._verdicts, on_start=count_batch)
     return z
 
 
@@ -163,14 +201,12 @@ class FusedDepthwiseBlock(nn.Module, _FusedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, act, bn = self.fn
-        problem = depthwise_problem(self.fn)
-        if problem is not None or x.dim() != 4:  # the reference raises exactly as it should for non-4D
-            if problem is not None:
-                self._structure_changed(problem)
+        if self._reference_reason(x, conv, depthwise_problem(self.fn), self.fn, conv, act, bn) is not None:
             return self.fn(x) + x
-        y, self.last_backend = depthwise_block(x, conv.weight, conv.bias, batchnorm_call(bn),
-                                               activation=activation_name(act), padding=conv.padding,
-                                               backend=self.backend, verdicts=self._verdicts)
+        call, count_batch = deferred_batchnorm_call(bn)
+        y, self.last_backend = depthwise_block(x, conv.weight, conv.bias, call, activation=activation_name(act),
+                                               padding=conv.padding, backend=self.backend, verdicts=self._verdicts,
+                                               on_start=count_batch)
         return y
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ the ops, for every backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,20 +44,28 @@ class BatchNormCall:
 
 def batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> BatchNormCall:
     """The bookkeeping of ``_BatchNorm.forward``, step for step (it increments num_batches_tracked)."""
+    call, count = deferred_batchnorm_call(bn)
+    count()
+    return call
+
+
+def deferred_batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[BatchNormCall, Callable[[], None]]:
+    """``batchnorm_call`` without its side effect: (the call, a function that counts the batch).
+
+    The fused modules count the batch only once the call is known to run (after the backend
+    choice, before BatchNorm's own checks, which raise after counting as in the reference), so a
+    call refused earlier leaves ``num_batches_tracked`` as it was.
+    """
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats:
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(bn.num_batches_tracked)
-            else:
-                momentum = bn.momentum
+    counts = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if counts and bn.momentum is None:  # cumulative moving average, over the batches including this one
+        momentum = 1.0 / (float(bn.num_batches_tracked) + 1.0)
     if bn.training:
         use_batch_stats = True
     else:
         use_batch_stats = bn.running_mean is None and bn.running_var is None
     pass_buffers = not bn.training or bn.track_running_stats
-    return BatchNormCall(
+    call = BatchNormCall(
         weight=bn.weight,
         bias=bn.bias,
         running_mean=bn.running_mean if pass_buffers else None,
@@ -66,6 +74,13 @@ def batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> BatchNormCall:
         momentum=momentum,
         eps=bn.eps,
     )
+    tracked = bn.num_batches_tracked
+
+    def count():
+        if counts:
+            tracked.add_(1)
+
+    return call, count
 
 
 def check_batchnorm_call(shape, call: BatchNormCall) -> None:

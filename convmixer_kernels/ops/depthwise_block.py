@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import backends
 from . import batchnorm
 from .activation import ACT_CODE, activation_reference
-from .alloc import empty_like
+from .alloc import empty_output, output_format
 from .batchnorm import BatchNormCall
 from .dispatch import common_unsupported, run_block
 
@@ -86,7 +86,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
     pads = (pad_top, pad_left)
     if x.numel() == 0:  # empty batch: nothing to normalize (the caller leaves running statistics alone)
         stats = torch.zeros(6, x.shape[1], dtype=torch.float32, device=x.device)
-        return empty_like(x), (empty_like(x) if store_a else x.new_empty(0)), stats
+        return empty_output(x), (empty_output(x) if store_a else x.new_empty(0)), stats
     with _on_device(x):
         if use_batch_stats:
             a, partials = kernels.conv_stats(x, weight, bias, act, pads)
@@ -101,8 +101,8 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
 @_fwd_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, act, pad_top, pad_left,
       store_a, backend):
-    a = torch.empty_like(x) if store_a else x.new_empty(0)
-    return torch.empty_like(x), a, x.new_empty((6, x.shape[1]), dtype=torch.float32)
+    out = lambda: x.new_empty(x.shape).contiguous(memory_format=output_format(x))  # noqa: E731
+    return out(), (out() if store_a else x.new_empty(0)), x.new_empty((6, x.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("convmixer_kernels::depthwise_block_bwd", mutates_args=())
@@ -115,7 +115,7 @@ def _bwd_op(dy: Tensor, x: Tensor, a: Tensor, weight: Tensor, bn_weight: Optiona
     M = N * H * W
     f32 = dict(dtype=torch.float32, device=x.device)
     if M == 0:
-        return (torch.zeros_like(x) if need_dx else x.new_empty(0),
+        return (empty_output(x).zero_() if need_dx else x.new_empty(0),
                 torch.zeros_like(weight) if need_dw else x.new_empty(0),
                 weight.new_zeros(C) if need_db else x.new_empty(0), torch.zeros(C, **f32), torch.zeros(C, **f32))
     with _on_device(x):
@@ -134,10 +134,18 @@ def _bwd_op(dy: Tensor, x: Tensor, a: Tensor, weight: Tensor, bn_weight: Optiona
 def _(dy, x, a, weight, bn_weight, stats, use_batch_stats, act, pad_top, pad_left, need_dx, need_dw, need_db,
       need_dbn, backend):
     C = x.shape[1]
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+    return (x.new_empty(x.shape).contiguous(memory_format=output_format(x)) if need_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
             weight.new_empty((C,)) if need_db else x.new_empty(0),
             x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32))
+
+
+def _tracing(t: Tensor) -> bool:
+    """True while torch.compile traces the backward (fake or functional tensors), not a user's create_graph."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,6 +164,9 @@ def _backward(ctx, dy, _da, _dstats):
     if not store_a:
         raise RuntimeError("depthwise_block: the forward ran without keeping the pre-activation (no input "
                            "required grad then), so it cannot be differentiated")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _tracing(dy):
+        raise RuntimeError(f"depthwise_block: double backward (create_graph=True) is not supported on the {backend!r} "
+                           "backend; run this block with backend='torch' for higher-order gradients")
     need = ctx.needs_input_grad
     bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
     need_db = need[2] and bias_dtype is not None
@@ -214,10 +225,11 @@ def unsupported(x, weight, bn, compute_dtype, activation, padding, **config) -> 
 
 
 def depthwise_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormCall, *, activation: str,
-                    padding: Padding, backend: str = "auto", verdicts: Optional[dict] = None) -> Tuple[Tensor, str]:
+                    padding: Padding, backend: str = "auto", verdicts: Optional[dict] = None,
+                    on_start=None) -> Tuple[Tensor, str]:
     """y = x + BN(act(dwconv(x) + b)) on the chosen backend; returns (y, backend that ran).
     ``verdicts``: a caller's cache of backend choices (see ``dispatch.run_block``)."""
-    return run_block(OP, x, weight, bias, bn, backend, verdicts, activation=activation, padding=padding)
+    return run_block(OP, x, weight, bias, bn, backend, verdicts, on_start, activation=activation, padding=padding)
 
 
 backends.register_op(OP, reference=depthwise_block_reference, fused=depthwise_block_fused, unsupported=unsupported,

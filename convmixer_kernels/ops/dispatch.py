@@ -5,7 +5,7 @@ are the same for each op and each backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -47,7 +47,8 @@ def _verdict_key(op: str, requested: str, x: torch.Tensor, weight: torch.Tensor,
 
 
 def run_block(op: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall, backend: str,
-              verdicts: Optional[dict] = None, **kwargs) -> Tuple[torch.Tensor, str]:
+              verdicts: Optional[dict] = None, on_start: Optional[Callable[[], None]] = None,
+              **kwargs) -> Tuple[torch.Tensor, str]:
     """Run one fused block; return (output, name of the backend that ran it).
 
     Every backend of ``op`` shares the reference's signature:
@@ -58,8 +59,9 @@ def run_block(op: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNor
 
     The backend verdict is cached in ``verdicts`` (a module's dict) per device, dtypes, shapes,
     strides, training and grad mode; the checks that raise (BatchNorm's) run on every call.
+    ``on_start`` (the module's batch count) runs once the backend is chosen, before those checks:
+    the reference counts the batch and then raises the same errors.
     """
-    check_batchnorm_call(x.shape, bn)
     cdtype = compute_dtype(x)
     requested = backends.requested_backend(backend)
     key = _verdict_key(op, requested, x, weight, bias, bn, cdtype, kwargs) if verdicts is not None else None
@@ -73,6 +75,9 @@ def run_block(op: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNor
                                            compute_dtype=cdtype, **kwargs)
         if key is not None:
             verdicts[key] = name
+    if on_start is not None:
+        on_start()
+    check_batchnorm_call(x.shape, bn)
     fn = backends.implementation(op, name)
     args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.use_batch_stats, bn.momentum, bn.eps)
     if name == "torch":

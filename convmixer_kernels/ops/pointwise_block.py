@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import backends
 from . import batchnorm
 from .activation import ACT_CODE, activation_reference
-from .alloc import empty
+from .alloc import empty_output, output_format
 from .batchnorm import BatchNormCall
 from .dispatch import common_unsupported, run_block
 
@@ -56,18 +56,6 @@ def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def output_format(x: Tensor) -> torch.memory_format:
-    """z and dx keep x's memory format (design.md 5.12): channels_last for a channels_last x, else NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _empty_output(x: Tensor, channels: int) -> Tensor:
-    n, _, h, w = x.shape
-    return empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=output_format(x))
-
-
 @torch.library.custom_op("convmixer_kernels::pointwise_block_fwd", mutates_args=())
 def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
             bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -80,7 +68,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
     no_p = x.new_empty(0)
     if N * H * W == 0:  # empty batch: no statistics (the caller leaves running buffers alone)
         p = x.new_empty((0, cout)) if store_p else no_p
-        return _empty_output(x, cout), p, torch.zeros(6, cout, dtype=torch.float32, device=x.device)
+        return empty_output(x, cout), p, torch.zeros(6, cout, dtype=torch.float32, device=x.device)
     with _on_device(x):
         if use_batch_stats:
             p, partials = kernels.linear(x, weight, bias, act, True)
@@ -116,7 +104,7 @@ def _bwd_op(dz: Tensor, x: Tensor, p: Tensor, weight: Tensor, bn_weight: Optiona
     M = N * H * W
     f32 = dict(dtype=torch.float32, device=x.device)
     if M == 0:
-        return (_empty_output(x, cin).zero_() if need_dx else x.new_empty(0),
+        return (empty_output(x, cin).zero_() if need_dx else x.new_empty(0),
                 torch.zeros_like(weight) if need_dw else x.new_empty(0),
                 weight.new_zeros(cout) if need_db else x.new_empty(0), torch.zeros(cout, **f32),
                 torch.zeros(cout, **f32))
@@ -141,6 +129,14 @@ def _(dz, x, p, weight, bn_weight, stats, use_batch_stats, act, need_dx, need_dw
     return dx, dw, db, x.new_empty((cout,), dtype=torch.float32), x.new_empty((cout,), dtype=torch.float32)
 
 
+def _tracing(t: Tensor) -> bool:
+    """True while torch.compile traces the backward (fake or functional tensors), not a user's create_graph."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, bn_weight, bn_bias, _, _, use_batch_stats, _, act, store_p, backend = inputs
     _, p, stats = output
@@ -156,6 +152,9 @@ def _backward(ctx, dz, _dp, _dstats):
     if not store_p:
         raise RuntimeError("pointwise_block: the forward ran without keeping the pre-activation (no input "
                            "required grad then), so it cannot be differentiated")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _tracing(dz):
+        raise RuntimeError(f"pointwise_block: double backward (create_graph=True) is not supported on the {backend!r} "
+                           "backend; run this block with backend='torch' for higher-order gradients")
     need = ctx.needs_input_grad
     bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
     need_db = need[2] and bias_dtype is not None
@@ -218,9 +217,10 @@ def unsupported(x, weight, compute_dtype, activation, **config) -> Optional[str]
 
 
 def pointwise_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormCall, *, activation: str,
-                    backend: str = "auto", verdicts: Optional[dict] = None) -> Tuple[Tensor, str]:
+                    backend: str = "auto", verdicts: Optional[dict] = None,
+                    on_start=None) -> Tuple[Tensor, str]:
     """z = BN(act(conv1x1(x) + b)) on the chosen backend; returns (z, backend that ran)."""
-    return run_block(OP, x, weight, bias, bn, backend, verdicts, activation=activation)
+    return run_block(OP, x, weight, bias, bn, backend, verdicts, on_start, activation=activation)
 
 
 backends.register_op(OP, reference=pointwise_block_reference, fused=pointwise_block_fused, unsupported=unsupported,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..alloc import empty, empty_like
+from ..alloc import empty, empty_like, empty_output
 from ..batchnorm import SCALE, SHIFT, MEAN, RSTD
 from .activation import act_fwd, act_grad
 from .batchnorm import finalize, tile_stats  # noqa: F401  (finalize is part of this backend's contract)
@@ -318,7 +318,7 @@ def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int]):
     """a = dwconv(x) + b in x's dtype and layout, and the [3, T, C] partials of act(a)."""
     N, C, H, W = x.shape
     kernel = tuple(weight.shape[-2:])
-    a = empty_like(x)
+    a = empty_output(x)
     wt = _weight_taps(weight)
     int64 = needs_int64(x, a)
     cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device)
@@ -344,7 +344,7 @@ def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int]):
 def apply(a, x, finalized, act: int):
     """y = act(a) * scale + shift + x (finalized: the [6, C] statistics)."""
     N, C, H, W = x.shape
-    y = empty_like(x)
+    y = empty_output(x)
     cfg = default_config(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device)
     tiles_w, tiles_per_img, grid = _grid(cfg, N, H, W, C)
     _apply_kernel[grid](x, a, y, finalized[SCALE], finalized[SHIFT], C, H, W, tiles_w, tiles_per_img,
@@ -357,8 +357,8 @@ def conv_apply(x, weight, bias, finalized, act: int, pads: Tuple[int, int], stor
     """Eval: y = act(dwconv(x) + b) * scale + shift + x in one kernel; a kept only if ``store_a``."""
     N, C, H, W = x.shape
     kernel = tuple(weight.shape[-2:])
-    y = empty_like(x)
-    a = empty_like(x) if store_a else x.new_empty(0)
+    y = empty_output(x)
+    a = empty_output(x) if store_a else x.new_empty(0)
     wt = _weight_taps(weight)
     int64 = needs_int64(x, y)
     scale, shift = finalized[SCALE], finalized[SHIFT]
@@ -406,7 +406,7 @@ def input_grad(dy, a, x, weight, coef, act: int, pads: Tuple[int, int], train: b
     KH, KW = weight.shape[-2:]
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
-    dx = empty_like(x) if need_dx else x.new_empty(0)
+    dx = empty_output(x) if need_dx else x.new_empty(0)
     int64 = needs_int64(x, a, dy) or (need_dx and needs_int64(dx))
     wt = _weight_taps(weight)
     key = ("input_grad",) + _layout_key(x) + ((KH, KW), act, train, need_dx, need_dw or need_db)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..alloc import empty
+from ..alloc import empty, empty_output
 from ..batchnorm import MEAN, RSTD, SCALE, SHIFT
 from .activation import act_fwd, act_grad
 from .batchnorm import finalize, tile_stats  # noqa: F401  (finalize is part of this backend's contract)
@@ -253,15 +253,6 @@ def _pixels(t: Tensor) -> _Axis:
     return _Axis(3, dims[1][0], dims[2][0], dims[0][1], dims[1][1], dims[2][1])
 
 
-def _output_like(x: Tensor, channels: int, dtype=None) -> Tensor:
-    """An [N, channels, H, W] output in x's memory format (design.md 5.12): channels_last for a
-    channels_last x, else contiguous NCHW."""
-    n, _, h, w = x.shape
-    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
-    return empty((n, channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
-
-
 @dataclass(frozen=True)
 class GemmConfig:
     block_i: int
@@ -434,7 +425,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, stats: b
 def apply(p: Tensor, x: Tensor, finalized: Tensor, act: int) -> Tensor:
     """z = act(p) * scale + shift in x's memory format (p: [M, Cout] row-major)."""
     M, cout = p.shape
-    z = _output_like(x, cout)
+    z = empty_output(x, cout)
     block_m, block_c = _apply_block(M, cout, x.device)
     zr = _pixels(z)
     _apply_kernel[(triton.cdiv(M, block_m), triton.cdiv(cout, block_c))](
@@ -447,7 +438,7 @@ def linear_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], finalized: T
     """Eval without a backward: z = act(r W^T + b) * scale + shift in one GEMM (read r, write z)."""
     N, _, H, W = x.shape
     cout, cin, s_wo, s_wi = _conv_weight(weight)
-    z = _output_like(x, cout)
+    z = empty_output(x, cout)
     gemm(x, _pixels(x), x.stride(1), weight, _linear(s_wi), s_wo, z, _pixels(z), z.stride(1), N * H * W, cout, cin,
          bias=bias, apply=(finalized[SCALE], finalized[SHIFT]), act=act)
     return z
@@ -483,7 +474,7 @@ def input_grad(dz: Tensor, p: Tensor, x: Tensor, weight: Tensor, coef: Tensor, a
     db = sum_rows(part_db, dtype=weight.dtype) if need_db else x.new_empty(0)
     dx = x.new_empty(0)
     if need_dx:  # dr[m, cin] = sum_cout dp[m, cout] weight[cout, cin]
-        dx = _output_like(x, cin)
+        dx = empty_output(x, cin)
         gemm(dp, _linear(cout), 1, weight, _linear(s_wo), s_wi, dx, _pixels(dx), dx.stride(1), M, cin, cout)
     dw = x.new_empty(0)
     if need_dw:  # dW[cout, cin] = sum_m dp[m, cout] x[m, cin]: K = M, split when the output is small
