@@ -106,6 +106,18 @@ bool vector_loads_ok(std::initializer_list<const Tensor*> tensors, int vec) {
   return true;
 }
 
+// 16-byte accesses along W (the NCHW conv epilogues): unit W stride, the other strides multiples
+// of the vector, aligned base.
+bool w_vectors_ok(std::initializer_list<const Tensor*> tensors, int vec) {
+  for (const Tensor* t : tensors) {
+    if (t->stride(3) != 1) return false;
+    for (int d : {0, 1, 2})
+      if (t->size(d) > 1 && t->stride(d) % vec != 0) return false;
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
 // Geometry and dtype of a block input x [N, C, H, W].
 cmk::DepthwiseParams input_params(const Tensor& x, int64_t act) {
   check_device(x, "the input");
@@ -215,6 +227,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const OptTens
   p.channels_last = channels_last_mapping(out);
   p.x = strided(x);
   p.vec_ok = p.channels_last && vector_loads_ok({&x}, cmk::vector_elems(p.dtype));
+  p.w_vec_ok = !p.channels_last && w_vectors_ok({&x, &out}, cmk::vector_elems(p.dtype));
   const cmk::ConvPlan plan = cmk::plan_forward(p);
   check_plan(plan.error, p, "depthwise forward");
   if (training) {
@@ -288,6 +301,7 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x,
   Tensor dx = empty_like_preserve(x);
   p.channels_last = channels_last_mapping(dx);
   p.vec_ok = p.channels_last && vector_loads_ok({&x, &dy, &a}, cmk::vector_elems(p.dtype));
+  p.w_vec_ok = !p.channels_last && w_vectors_ok({&dy, &dx}, cmk::vector_elems(p.dtype));
   p.x = strided(x);
   p.dy = strided(dy);
   p.a = strided(a);
@@ -308,7 +322,7 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x,
   return {dx, dw_part, db_part};
 }
 
-// [3, T, C] -> [3, 1, C]: tiles combined in index order (the format of ops/batchnorm.py).
+// [3, T, C] -> [3, 1, C]: tiles combined in a fixed order (slices of consecutive tiles, then a fixed tree).
 Tensor combine(const Tensor& partials) {
   CMK_DEVICE_GUARD(partials, "the statistics partials");
   TORCH_CHECK(partials.dim() == 3 && partials.size(0) == 3 && partials.size(1) >= 1, kName,
@@ -366,7 +380,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply", &apply, "y = act(a) * scale + shift + x");
   m.def("grad_reduce", &grad_reduce, "[2, T, C]: sum dy, sum dy * (act(a) - mean) per position chunk");
   m.def("backward", &backward, "[dx, dw_part, db_part]");
-  m.def("combine", &combine, "BatchNorm partials [3, T, C] -> [3, 1, C], tiles in index order");
+  m.def("combine", &combine, "BatchNorm partials [3, T, C] -> [3, 1, C], in a fixed (deterministic) order");
   m.def("config_error", &config_error, "why a geometry cannot run, or ''");
   m.def("build_info", &build_info, "what the extension was built against");
 }

@@ -561,6 +561,14 @@ def test_conv_kernels_half_precision(kernels, dtype, layout, k):
     assert _rel(db_part.sum((0, 1)), db_ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, train", [(F32, True), (BF16, True), (F32, False), (F16, False)])
+def test_nchw_vector_epilogues(kernels, dtype, train):
+    """W = 40: full strips take the 16-byte epilogues, the strip past the map's edge the scalar one."""
+    device, _ = kernels
+    _check_precision(_problem(1, 3, 5, 40, 5, 5), dtype=dtype, device=device, layout="nchw", train=train,
+                     activation="gelu")
+
+
 def test_large_kernel_backward_is_deterministic_and_one_pass(kernels):
     """channels_last k = 31 (8-channel tile, one pass): bitwise equal runs, several tiles per block."""
     device, ext = kernels

@@ -112,6 +112,11 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::N]
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
+// n / d for 0 <= n < 2^30 (see FastDiv in plan.h).
+__device__ __forceinline__ int divide(const FastDiv& f, int n) {
+  return static_cast<int>((static_cast<uint64_t>(n) * f.mul) >> f.shift);
+}
+
 // Element offset of (n, c, h, w); 64-bit, tensors may exceed 2^31 elements.
 __device__ __forceinline__ int64_t offset(const Strided4& t, int n, int c, int h, int w) {
   return n * t.sn + c * t.sc + h * t.sh + w * t.sw;

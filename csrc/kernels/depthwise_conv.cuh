@@ -222,6 +222,42 @@ __device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTil
 template <class Tile>
 constexpr int kMinBlocks = 512 / Tile::THREADS;
 
+// ------------------------------------------------------------------ strip epilogues
+//
+// A thread's RW outputs of one row: 16-byte vectors along W on the NCHW path when the binding
+// allowed them (p.w_vec_ok: unit W stride, other strides and bases aligned) and the strip lies
+// inside the map; element by element otherwise (channels_last: lanes over C already coalesce).
+template <class Tile, typename T>
+__device__ __forceinline__ bool strip_vectors(const DepthwiseParams& p, int w0) {
+  static_assert(Tile::RW % Vec16<T>::N == 0, "a strip is a whole number of 16-byte vectors");
+  return !Tile::kChannelsLast && p.w_vec_ok && w0 + Tile::RW <= p.W;
+}
+
+template <class Tile, typename T>
+__device__ __forceinline__ void load_strip(const T* ptr, int64_t sw, int valid, bool vec, float (&out)[Tile::RW]) {
+  constexpr int V = Vec16<T>::N;
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < Tile::RW; k += V) load_vec(ptr + k, *reinterpret_cast<float(*)[V]>(&out[k]));
+  } else {
+#pragma unroll
+    for (int t = 0; t < Tile::RW; ++t) out[t] = t < valid ? to_float(ptr[t * sw]) : 0.f;
+  }
+}
+
+template <class Tile, typename T>
+__device__ __forceinline__ void store_strip(T* ptr, int64_t sw, int valid, bool vec, const float (&in)[Tile::RW]) {
+  constexpr int V = Vec16<T>::N;
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < Tile::RW; k += V) store_vec(ptr + k, *reinterpret_cast<const float(*)[V]>(&in[k]));
+  } else {
+#pragma unroll
+    for (int t = 0; t < Tile::RW; ++t)
+      if (t < valid) ptr[t * sw] = from_float<T>(in[t]);
+  }
+}
+
 // ------------------------------------------------------------------ forward
 
 // Combine each channel's per-thread statistics over the block's strips with a fixed tree
@@ -291,43 +327,39 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
   const int c = c0 + me.c, h = tp.h0 + me.row, w0 = tp.w0 + me.col0;
   const bool row_ok = c < p.C && h < p.H;
   const float bias = (p.bias != nullptr && c < p.C) ? to_float(static_cast<const T*>(p.bias)[c]) : 0.f;
+  const int valid = row_ok ? p.W - w0 : 0;  // outputs of the strip inside the map
+  const bool vec = row_ok && strip_vectors<Tile, T>(p, w0);
   if (training) {
     // Statistics of exactly the values the apply pass and the backward will see: act of the stored a.
-    T* a_out = static_cast<T*>(p.a.data);
-    float g[RW], sum = 0.f;
+    float a[RW], g[RW], sum = 0.f;
     int count = 0;
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
+      a[t] = round_to<T>(acc[t] + bias);
       g[t] = 0.f;
-      if (row_ok && w0 + t < p.W) {
-        const T a = from_float<T>(acc[t] + bias);
-        a_out[offset(p.a, tp.n, c, h, w0 + t)] = a;
-        g[t] = act_forward(p.act, to_float(a));
+      if (t < valid) {
+        g[t] = act_forward(p.act, a[t]);
         sum += g[t];
         ++count;
       }
     }
+    if (row_ok) store_strip<Tile, T>(static_cast<T*>(p.a.data) + offset(p.a, tp.n, c, h, w0), p.a.sw, valid, vec, a);
     Welford st{static_cast<float>(count), count > 0 ? sum / count : 0.f, 0.f};
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
-      if (row_ok && w0 + t < p.W) {
+      if (t < valid) {
         const float d = g[t] - st.mean;
         st.m2 += d * d;
       }
     }
     write_tile_stats<Tile>(p, plan, smem + plan.off_stats, st, me, c0, tile);
   } else if (row_ok) {
-    const T* x = static_cast<const T*>(p.x.data);
-    T* y = static_cast<T*>(p.y.data);
     const float s = p.scale[c], sh = p.shift[c];
+    float res[RW];
+    load_strip<Tile, T>(static_cast<const T*>(p.x.data) + offset(p.x, tp.n, c, h, w0), p.x.sw, valid, vec, res);
 #pragma unroll
-    for (int t = 0; t < RW; ++t) {
-      if (w0 + t < p.W) {
-        const float a = round_to<T>(acc[t] + bias);
-        const float res = to_float(x[offset(p.x, tp.n, c, h, w0 + t)]);
-        y[offset(p.y, tp.n, c, h, w0 + t)] = from_float<T>(act_forward(p.act, a) * s + sh + res);
-      }
-    }
+    for (int t = 0; t < RW; ++t) res[t] = act_forward(p.act, round_to<T>(acc[t] + bias)) * s + sh + res[t];
+    store_strip<Tile, T>(static_cast<T*>(p.y.data) + offset(p.y, tp.n, c, h, w0), p.y.sw, valid, vec, res);
   }
 }
 
@@ -502,13 +534,13 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
     }
     const int c = c0 + me.c, h = tp.h0 + me.row, w0 = tp.w0 + me.col0;
     if (c < p.C && h < p.H) {
-      const T* dy = static_cast<const T*>(p.dy.data);
-      T* dx = static_cast<T*>(p.dx.data);
+      const int valid = p.W - w0;
+      const bool vec = strip_vectors<Tile, T>(p, w0);
+      float d[RW];
+      load_strip<Tile, T>(static_cast<const T*>(p.dy.data) + offset(p.dy, tp.n, c, h, w0), p.dy.sw, valid, vec, d);
 #pragma unroll
-      for (int t = 0; t < RW; ++t) {
-        if (w0 + t < p.W)
-          dx[offset(p.dx, tp.n, c, h, w0 + t)] = from_float<T>(to_float(dy[offset(p.dy, tp.n, c, h, w0 + t)]) + acc[t]);
-      }
+      for (int t = 0; t < RW; ++t) d[t] += acc[t];
+      store_strip<Tile, T>(static_cast<T*>(p.dx.data) + offset(p.dx, tp.n, c, h, w0), p.dx.sw, valid, vec, d);
     }
   }
   if constexpr (K_ > 0) {  // written once per block, lanes over channels

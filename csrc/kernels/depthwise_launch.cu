@@ -2,7 +2,7 @@
 //
 //   apply:        y = act(a) * scale + shift + x                     (training forward, step 3)
 //   grad_reduce:  per position chunk, sum dy and sum dy * (act(a) - mean)   (backward, first pass)
-//   combine:      BatchNorm partials [3, T, C] -> [3, C], tiles in index order (Chan)
+//   combine:      BatchNorm partials [3, T, C] -> [3, C] (Chan), slices of tiles then a fixed tree
 // The first two are elementwise over (position, channel): a block is a channel group times a
 // chunk of kPositionsPerBlock positions; channels_last reads VEC channels per thread with
 // 16-byte loads, NCHW reads one channel per warp with lanes along W.
@@ -40,10 +40,9 @@ struct Position {
   int n, h, w;
 };
 
-__device__ __forceinline__ Position position(const DepthwiseParams& p, int pos) {
-  const int hw_size = p.H * p.W;
-  const int n = pos / hw_size, hw = pos - n * hw_size;
-  const int h = hw / p.W;
+__device__ __forceinline__ Position position(const DepthwiseParams& p, const ElementwisePlan& plan, int pos) {
+  const int n = divide(plan.div_hw, pos), hw = pos - n * (p.H * p.W);
+  const int h = divide(plan.div_w, hw);
   return {n, h, hw - h * p.W};
 }
 
@@ -63,7 +62,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
     t[k] = p.shift[wk.c + k];
   }
   for (int pos = wk.pos_begin + wk.lane; pos < wk.pos_end; pos += plan.lanes) {
-    const Position q = position(p, pos);
+    const Position q = position(p, plan, pos);
     if constexpr (V > 1) {
       float av[V], xv[V], yv[V];
       load_vec(a + offset(p.a, q.n, wk.c, q.h, q.w), av);
@@ -93,7 +92,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 #pragma unroll
     for (int k = 0; k < V; ++k) mean[k] = p.mean[wk.c + k];
     for (int pos = wk.pos_begin + wk.lane; pos < wk.pos_end; pos += plan.lanes) {
-      const Position q = position(p, pos);
+      const Position q = position(p, plan, pos);
       float dv[V], av[V];
       if constexpr (V > 1) {
         load_vec(dy + offset(p.dy, q.n, wk.c, q.h, q.w), dv);
@@ -133,19 +132,58 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
 }
 
-__global__ void __launch_bounds__(256)
+// Parallel fixed-order combine: a block owns 32 channels (lanes, coalesced) x kCombineSlices
+// slices of consecutive tiles. Each slice combines its tiles in index order, then the slices
+// merge pairwise left to right in a fixed tree: the order depends only on (tiles, C), so the
+// result is deterministic, and T / 32 serial steps replace T.
+constexpr int kCombineChannels = 32;
+constexpr int kCombineSlices = 32;
+constexpr int kCombineSmem = kCombineSlices * 3 * kCombineChannels * 4;
+
+// chan_combine, exact when one side is empty (a slice with no tiles).
+__device__ __forceinline__ Welford chan_merge(Welford a, Welford b) {
+  if (b.n == 0.f) return a;
+  if (a.n == 0.f) return b;
+  return chan_combine(a, b);
+}
+
+__global__ void __launch_bounds__(kCombineChannels * kCombineSlices)
     batchnorm_combine_kernel(const float* __restrict__ partials, float* __restrict__ out, int64_t tiles, int C) {
-  const int c = static_cast<int>(blockIdx.x) * 256 + static_cast<int>(threadIdx.x);
-  if (c >= C) return;
+  auto red = reinterpret_cast<float(*)[3][kCombineChannels]>(dynamic_smem<float>());  // [slices][3][channels]
+  const int lane = static_cast<int>(threadIdx.x) % kCombineChannels;
+  const int slice = static_cast<int>(threadIdx.x) / kCombineChannels;
+  const int c = static_cast<int>(blockIdx.x) * kCombineChannels + lane;
   const int64_t plane = tiles * C;
-  Welford acc{partials[c], partials[plane + c], partials[2 * plane + c]};
-  for (int64_t t = 1; t < tiles; ++t) {
-    const int64_t at = t * C + c;
-    acc = chan_combine(acc, Welford{partials[at], partials[plane + at], partials[2 * plane + at]});
+  const int64_t per = (tiles + kCombineSlices - 1) / kCombineSlices;
+  const int64_t t0 = slice * per, t1 = t0 + per < tiles ? t0 + per : tiles;
+  Welford acc{0.f, 0.f, 0.f};
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t at = t * C + c;
+      const Welford w{partials[at], partials[plane + at], partials[2 * plane + at]};
+      acc = t == t0 ? w : chan_combine(acc, w);
+    }
   }
-  out[c] = acc.n;
-  out[C + c] = acc.mean;
-  out[2 * C + c] = acc.m2;
+  red[slice][0][lane] = acc.n;
+  red[slice][1][lane] = acc.mean;
+  red[slice][2][lane] = acc.m2;
+  for (int stride = 1; stride < kCombineSlices; stride *= 2) {
+    __syncthreads();
+    if (slice % (2 * stride) == 0) {
+      const Welford r = chan_merge(Welford{red[slice][0][lane], red[slice][1][lane], red[slice][2][lane]},
+                                   Welford{red[slice + stride][0][lane], red[slice + stride][1][lane],
+                                           red[slice + stride][2][lane]});
+      red[slice][0][lane] = r.n;
+      red[slice][1][lane] = r.mean;
+      red[slice][2][lane] = r.m2;
+    }
+  }
+  if (slice == 0 && c < C) {
+    out[c] = red[0][0][lane];
+    out[C + c] = red[0][1][lane];
+    out[2 * C + c] = red[0][2][lane];
+  }
 }
 
 // ------------------------------------------------------------------ launchers
@@ -195,7 +233,8 @@ const char* depthwise_grad_reduce(const DepthwiseParams& p, const ElementwisePla
 
 const char* batchnorm_combine(const float* partials, float* out, int64_t tiles, int C, void* stream) {
   void (*kernel)(const float*, float*, int64_t, int) = batchnorm_combine_kernel;
-  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>((C + 255) / 256)), dim3(256), 0, stream, partials, out, tiles, C);
+  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>((C + kCombineChannels - 1) / kCombineChannels)),
+             dim3(kCombineChannels * kCombineSlices), kCombineSmem, stream, partials, out, tiles, C);
   return launch_error();
 }
 

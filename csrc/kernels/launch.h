@@ -25,7 +25,8 @@ const char* depthwise_apply(const DepthwiseParams& p, const ElementwisePlan& pla
 // p.stats [2, plan.tiles, C] = per position chunk: (sum dy, sum dy * (act(a) - mean)).
 const char* depthwise_grad_reduce(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream);
 
-// out [3, C] = the per-tile (count, mean, M2) of partials [3, tiles, C] combined in tile order (Chan).
+// out [3, C] = the per-tile (count, mean, M2) of partials [3, tiles, C] combined (Chan) in a fixed order:
+// slices of consecutive tiles, then a fixed pairwise tree over the slices (deterministic).
 const char* batchnorm_combine(const float* partials, float* out, int64_t tiles, int C, void* stream);
 
 }  // namespace cmk

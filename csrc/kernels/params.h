@@ -30,6 +30,7 @@ struct DepthwiseParams {
   Act act = Act::Gelu;
   bool channels_last = false;  // thread mapping: lanes over channels (true) or along W (false)
   bool vec_ok = false;         // every tensor the kernel loads allows 16-byte loads along C
+  bool w_vec_ok = false;       // NCHW: every tensor the conv epilogues touch allows 16-byte accesses along W
 
   // ---- tensors in the activation dtype
   Strided4 x;   // block input

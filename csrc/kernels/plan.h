@@ -228,6 +228,23 @@ inline ConvPlan plan_backward(const DepthwiseParams& p, int num_sms) {
 //
 // Block = channel slots x position lanes. channels_last: 32 slots of `vec` channels (16-byte
 // loads) x 8 lanes over positions; NCHW: 8 slots of one channel x 32 lanes along W.
+// n / d as a multiply and a shift, exact for 0 <= n < 2^30 (positions; the binding checks the
+// bound): mul = ceil(2^shift / d) with shift = 30 + ceil(log2 d), so the error n * (mul * d -
+// 2^shift) / (d * 2^shift) stays below 1 / d. mul <= 2^31 fits 32 bits; n * mul < 2^61.
+struct FastDiv {
+  uint32_t mul = 1;
+  int shift = 0;
+};
+
+inline FastDiv fast_div(int d) {
+  int log2d = 0;
+  while ((int64_t(1) << log2d) < d) ++log2d;
+  FastDiv f;
+  f.shift = 30 + log2d;
+  f.mul = static_cast<uint32_t>(((uint64_t(1) << f.shift) + d - 1) / d);
+  return f;
+}
+
 struct ElementwisePlan {
   int vec = 1;                // channels per slot
   int slots = 0, lanes = 0;   // slots * lanes = kElementwiseThreads
@@ -237,6 +254,7 @@ struct ElementwisePlan {
   int64_t tiles = 0;          // position chunks: the T of the [2, T, C] reduction partials
   int64_t blocks = 0;
   int64_t smem_bytes = 0;     // the reduction's [lanes][channels_per_block][2] floats
+  FastDiv div_hw, div_w;      // position -> (n, h, w) without runtime divisions
 };
 
 inline ElementwisePlan plan_elementwise(const DepthwiseParams& p, int vec_elems) {
@@ -250,6 +268,8 @@ inline ElementwisePlan plan_elementwise(const DepthwiseParams& p, int vec_elems)
   plan.tiles = (positions + plan.positions_per_block - 1) / plan.positions_per_block;
   plan.blocks = plan.tiles * plan.channel_groups;
   plan.smem_bytes = int64_t(plan.lanes) * plan.channels_per_block * 2 * 4;
+  plan.div_hw = fast_div(std::max(p.H * p.W, 1));
+  plan.div_w = fast_div(std::max(p.W, 1));
   return plan;
 }
 
