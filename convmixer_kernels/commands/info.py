@@ -34,12 +34,24 @@ def collect(device=None) -> dict:
     from .. import _cuda_ext
     info["CUDA extension"] = _cuda_ext.load_error() or "loaded"
     dev = torch.device(device) if device else None
-    info["backends"] = backends.explain_backends(dev)
+    reasons = backends.explain_backends(dev)
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        # no backend can run on a device that does not exist, whatever its own checks say
+        why = ("torch.cuda.is_available() is False" + ("" if torch.version.cuda else
+               f" (torch {torch.__version__} is a CPU build)"))
+        reasons = {name: reason or why for name, reason in reasons.items()}
+    info["backends"] = reasons
     return info
 
 
 def run(args) -> int:
-    info = collect(args.device)
+    import sys
+
+    try:
+        info = collect(args.device)
+    except RuntimeError as e:  # torch.device("foo")
+        print(f"info: --device {args.device}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     reasons = info.pop("backends")
     width = max(len(k) for k in info)
     for k, v in info.items():
