@@ -63,7 +63,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
         # triton pinned for the tests: the interpreter of older versions cannot run loops with runtime bounds
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0; platform_system == 'Linux'", "Pillow>=9"],
+        # train --data on an image folder (CIFAR-10 python batches and the shipped digits need nothing)
+        "data": ["Pillow>=9"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
     entry_points={"console_scripts": ["convmixer-kernels=convmixer_kernels.cli:main"]},
