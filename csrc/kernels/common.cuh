@@ -155,6 +155,28 @@ __device__ __forceinline__ float act_backward(Act act, float a) {
   }
 }
 
+// act(a) and act'(a) together: the same expressions as act_forward and act_backward (bitwise
+// equal results) with the erf / tanh evaluated once.
+struct ActPair {
+  float g, dg;
+};
+
+__device__ __forceinline__ ActPair act_both(Act act, float a) {
+  switch (act) {
+    case Act::Relu:
+      return {a < 0.f ? 0.f : a, a > 0.f ? 1.f : 0.f};
+    case Act::GeluTanh: {
+      const float t = tanhf(kSqrt2OverPi * (a + kTanhCoef * a * a * a));
+      const float du = kSqrt2OverPi * (1.f + 3.f * kTanhCoef * a * a);
+      return {0.5f * a * (1.f + t), 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * du};
+    }
+    default: {
+      const float e = erff(a * kRsqrt2);
+      return {0.5f * a * (1.f + e), 0.5f * (1.f + e) + a * kRsqrt2Pi * expf(-0.5f * a * a)};
+    }
+  }
+}
+
 // ------------------------------------------------------------------ statistics
 
 struct Welford {

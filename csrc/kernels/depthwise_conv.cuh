@@ -88,13 +88,19 @@ struct InputValue {
 };
 
 // Values staged into the da tiles: da = dg * act'(a), dg from dy and act(a) (design.md 3.1).
+// The per-channel coefficients come from a [4][cb] table in shared memory (coef_dy, coef_g,
+// mean, coef_const of channels c0 ..), filled once per block by load_coefficients.
 template <typename T>
 struct GradPreactValue {
   const DepthwiseParams& p;
+  const float* coef;
+  int c0, cb;
   __device__ __forceinline__ float at(int c, float dy, float a) const {
-    float dg = p.coef_dy[c] * dy;
-    if (p.batch_stats_grad) dg += p.coef_g[c] * (act_forward(p.act, a) - p.mean[c]) + p.coef_const[c];
-    return dg * act_backward(p.act, a);
+    const int k = c - c0;
+    const ActPair g = act_both(p.act, a);
+    float dg = coef[k] * dy;
+    if (p.batch_stats_grad) dg += coef[cb + k] * (g.g - coef[2 * cb + k]) + coef[3 * cb + k];
+    return dg * g.dg;
   }
   __device__ __forceinline__ float scalar(int n, int c, int h, int w) const {
     const float dy = to_float(static_cast<const T*>(p.dy.data)[offset(p.dy, n, c, h, w)]);
@@ -109,6 +115,16 @@ struct GradPreactValue {
     for (int k = 0; k < Vec16<T>::N; ++k) out[k] = at(c + k, dy[k], a[k]);
   }
 };
+
+// The coefficient table of GradPreactValue (zero past the last channel).
+template <class Tile>
+__device__ void load_coefficients(const DepthwiseParams& p, float* coef, int c0) {
+  for (int e = threadIdx.x; e < 4 * Tile::CB; e += Tile::THREADS) {
+    const int which = e / Tile::CB, c = c0 + e % Tile::CB;
+    const float* src = which == 0 ? p.coef_dy : which == 1 ? p.coef_g : which == 2 ? p.mean : p.coef_const;
+    coef[e] = c < p.C ? src[c] : 0.f;
+  }
+}
 
 // dst.at(c, q, v) = fn(n, c0 + c, h_begin + q, w_begin + v) for q < rows, v < cols; zero outside
 // the image (the conv's zero padding) and past the last channel.
@@ -460,7 +476,8 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
   const WeightTile<Tile> ws{smem + plan.off_w, KW, plan.row_chunk};
   const SmemTile<Tile> xc{smem + plan.off_dac, plan.dac_width, Tile::TH};
   const InputValue<T> xval{static_cast<const T*>(p.x.data), p.x};
-  const GradPreactValue<T> daval{p};
+  float* coef = smem + plan.off_coef;
+  const GradPreactValue<T> daval{p, coef, c0, Tile::CB};
   const int RG = plan.row_groups, RPG = Tile::TH / RG;
   const int JG = (KW + JB - 1) / JB;
   const int last_col = Tile::TW + KW - 2;  // the da tile holds columns [0, TW + KW - 1)
@@ -473,6 +490,7 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
     for (int j = 0; j < JB; ++j) dwr[s][j] = 0.f;
   }
   if (one_pass) load_weights<Tile, T>(p, ws, c0, 0, KH, KH, KW, true);  // hoisted: every tile uses all of it
+  load_coefficients<Tile>(p, coef, c0);  // visible after the first tile's barrier
 
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     const TilePos tp = tile_pos(plan, tile);

@@ -110,7 +110,8 @@ struct ConvPlan {
   int smem_width = 0;           // floats per halo-tile row (x, da)
   int dac_width = 0;            // floats per row of the backward's x tile (no halo)
   // shared-memory carve-up, in floats
-  int off_da = 0, off_w = 0, off_dac = 0, off_stats = 0;  // backward: da halo at 0, weights, x tile
+  int off_da = 0, off_w = 0, off_dac = 0, off_stats = 0;  // backward: da halo at 0, weights, x tile,
+  int off_coef = 0;                                        // per-channel da coefficients [4][CB]
   int64_t smem_floats = 0;
   int64_t smem_bytes = 0;
   // backward only: blocks loop over `tiles_per_group` consecutive tiles; dW/dB partials are
@@ -180,7 +181,7 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_
   plan.dac_width = Tile::kChannelsLast ? Tile::TW : Tile::TW + 1;
   const int64_t cb = Tile::CB, sw = plan.smem_width, xt = int64_t(Tile::TH) * plan.dac_width;
   auto floats = [&](int kc) {
-    return cb * ((Tile::TH + kc - 1) * sw + xt) + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW);
+    return cb * ((Tile::TH + kc - 1) * sw + xt + 4) + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW);
   };
   plan.row_chunk = largest_chunk(p.KH, budget, floats);
   if (plan.row_chunk == 0 || (one_pass && plan.row_chunk < p.KH)) {
@@ -192,6 +193,7 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_
   plan.off_da = 0;
   plan.off_w = static_cast<int>(cb * plan.rows_alloc * sw);
   plan.off_dac = static_cast<int>(plan.off_w + weight_tile_floats(Tile::kChannelsLast, Tile::CB, plan.row_chunk, p.KW));
+  plan.off_coef = static_cast<int>(plan.off_dac + xt * cb);
   plan.smem_floats = floats(plan.row_chunk);
   plan.smem_bytes = plan.smem_floats * 4;
   plan.kernel_k = specialization(p, plan.row_chunk);
