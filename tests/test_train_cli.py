@@ -158,3 +158,11 @@ def test_info_device_cuda_on_cpu_torch_calls_nothing_available(capsys):
     assert backend_lines and not any(line.rstrip().endswith("available") and "unavailable" not in line
                                      for line in backend_lines), out
     assert "triton  unavailable: torch.cuda.is_available() is False" in out
+
+
+def test_resume_on_other_data_replaces_the_saved_data_source(tmp_path, capsys):
+    assert main(["train", *SYN, "--no-progress", "--steps", "1", "--save", str(tmp_path / "syn.pt")]) == 0
+    capsys.readouterr()
+    # the checkpoint says synthetic 3-channel 8x8; --no-synthetic means the digits (1 channel): a clear misfit
+    _one_line_error(capsys, ["train", "--no-synthetic", "--dim", "16", "--depth", "1", "--kernel-size", "3",
+                             "--steps", "2", "--resume", str(tmp_path / "syn.pt")], expect="does not fit")

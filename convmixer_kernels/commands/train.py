@@ -481,6 +481,9 @@ def resolve_options(args, ckpt: Optional[dict]):
     saved_train = dict((ckpt or {}).get("config", {}).get("train") or {})
     layers = [MODEL_DEFAULTS | TRAIN_DEFAULTS, RECIPES[args.recipe] if args.recipe else {},
               {k: v for k, v in (saved_model | saved_train).items() if k in MODEL_DEFAULTS | TRAIN_DEFAULTS}]
+    if given & {"synthetic", "data"}:  # the data source is one choice: naming one replaces the saved one
+        for k in ("synthetic", "data", "data_format"):
+            layers[2].pop(k, None)
     merged: Dict[str, object] = {}
     for layer in layers:
         merged.update(layer)
