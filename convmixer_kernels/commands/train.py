@@ -562,6 +562,8 @@ def _device(args, dist_info: Dist) -> torch.device:
         raise TrainError(f"--device {args.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda, but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
     if device.type not in ("cpu", "cuda"):
         raise TrainError(f"--device {args.device}: only cpu and cuda are supported")
     return device
