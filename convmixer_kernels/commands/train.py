@@ -410,6 +410,10 @@ def train_run(model, optimizer, train, test, opts, device, *, total_steps: int, 
                 hist.seconds += time.perf_counter() - t_mark
                 hist.steady_images += images - img_mark
                 hist.steady_steps += step - step_mark
+            if step >= total_steps:  # the bar's last line before the evaluation, so its rate is training's
+                for w in works:
+                    w.wait()
+                progress.update(step - start_step, images, float(sums[-1]) / joint, final=True)
             if dist_info.enabled:
                 _broadcast_buffers(_unwrap(model))  # rank 0's BatchNorm buffers everywhere: eval and save agree
             if test is not None:
@@ -423,7 +427,6 @@ def train_run(model, optimizer, train, test, opts, device, *, total_steps: int, 
     for w in works:
         w.wait()
     hist.losses = [float(s) / j for s, j in zip(sums, joints)]
-    progress.update(step - start_step, images, hist.losses[-1] if hist.losses else None, final=True)
     hist.images = images
     hist.backends = fused_backends_used(model)
     return hist
