@@ -501,6 +501,18 @@ KERNEL_SIZES = [(k, k) for k in range(1, 32)] + [(3, 7), (9, 2), (13, 31), (31, 
 @pytest.mark.parametrize("KH, KW", KERNEL_SIZES)
 def test_conv_kernels_every_kernel_size(kernels, layout, KH, KW):
     device, ext = kernels
+    _check_conv_kernels(ext, device, layout, KH, KW)
+
+
+def test_nchw_huge_kernel_runs_in_row_chunks(kernels):
+    """NCHW k = 81 does not fit shared memory whole: forward and backward loop over kernel-row chunks."""
+    device, ext = kernels
+    assert ext.config_error(1, 10, 5, 7, 81, 81, False) == ""
+    _check_conv_kernels(ext, device, "nchw", 81, 81)
+
+
+def _check_conv_kernels(ext, device, layout, KH, KW):
+    """Binding-level forward (a) and backward (dx, dW, dB partials) against float64, float32 inputs."""
     N, C, H, W = 1, 10, 5, 7  # C: not a multiple of the 8- or 32-channel block
     x, w, b, *_ = _problem(N, C, H, W, KH, KW, seed=KH * 37 + KW)
     x, w, b = (t.float().to(device) for t in (x, w, b))

@@ -449,18 +449,21 @@ __device__ __forceinline__ float db_accumulate(float db, const SmemTile<Tile>& d
 // (never stored). Block = (channel block, group of consecutive tiles, visited in order).
 // Partials: dw_part [group][row group][KH][KW][C] (channel fastest: coalesced), db_part
 // [group][row group][C]; each element has one writer, so the result is deterministic.
-//   K_ > 0: the whole kernel in one pass; each thread keeps its items' dW/dB in registers over
-//           all tiles of its group and writes them once at the end;
-//   K_ = 0: any kernel; per tile, each item adds its partial into dw_part (first tile: stores).
-template <class Tile, typename T, int K_>
+//   register path (K_ > 0, or DW_REGS > 0 with a one-pass plan of at most DW_REGS items per
+//           thread): each thread keeps its items' dW/dB in registers over all tiles of its group
+//           and writes them once at the end;
+//   otherwise (chunked kernels): per tile, each item adds its partial into dw_part (first tile:
+//           stores).
+template <class Tile, typename T, int K_, int DW_REGS>
 __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
     depthwise_backward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
   constexpr int RW = Tile::RW;
   constexpr int JB = K_ > 0 ? K_ : kTapBlock;
-  // compile-time item layout of the register path (the plan computes the same row groups)
+  // compile-time item layout of K_ > 0 (the plan computes the same row groups)
   constexpr int RG_K = K_ > 0 ? dw_row_groups(Tile::CB, Tile::TH, 1, K_, Tile::THREADS) : 1;
   constexpr int ITEMS_K = Tile::CB * RG_K * (K_ > 0 ? K_ : 1);
-  constexpr int MAXIT = K_ > 0 ? (ITEMS_K + Tile::THREADS - 1) / Tile::THREADS : 1;
+  constexpr bool REG = K_ > 0 || DW_REGS > 0;
+  constexpr int MAXIT = K_ > 0 ? (ITEMS_K + Tile::THREADS - 1) / Tile::THREADS : (DW_REGS > 0 ? DW_REGS : 1);
   const int KH = K_ > 0 ? K_ : p.KH;
   const int KW = K_ > 0 ? K_ : p.KW;
   const int KC = K_ > 0 ? K_ : plan.row_chunk;
@@ -478,8 +481,9 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
   const InputValue<T> xval{static_cast<const T*>(p.x.data), p.x};
   float* coef = smem + plan.off_coef;
   const GradPreactValue<T> daval{p, coef, c0, Tile::CB};
-  const int RG = plan.row_groups, RPG = Tile::TH / RG;
-  const int JG = (KW + JB - 1) / JB;
+  const int RG = K_ > 0 ? RG_K : plan.row_groups, RPG = Tile::TH / RG;
+  const int JG = K_ > 0 ? 1 : (KW + JB - 1) / JB;
+  const int reg_items = Tile::CB * RG * JG * KH;  // register path: one pass
   const int last_col = Tile::TW + KW - 2;  // the da tile holds columns [0, TW + KW - 1)
 
   float dwr[MAXIT][JB], dbr[MAXIT];  // register path only
@@ -509,15 +513,17 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
       conv_strip<Tile, K_>(acc, das, ws, me.c, me.row, me.col0, kc, KW);
       const int db_ii = i0 + kc - 1 - p.pad_top;  // the chunk's flipped row of kernel row pt, if it has it
       const int db_col = KW - 1 - p.pad_left;
-      if constexpr (K_ > 0) {
+      if constexpr (REG) {
 #pragma unroll
         for (int s = 0; s < MAXIT; ++s) {
           const int it = threadIdx.x + s * Tile::THREADS;
-          if (it < ITEMS_K) {
-            const DwItem d = dw_item<Tile>(it, K_, 1);
-            constexpr int RPG_K = Tile::TH / RG_K;
-            dw_accumulate<Tile, JB, true>(dwr[s], das, xc, d.c, d.ii, 0, K_, d.rg * RPG_K, (d.rg + 1) * RPG_K, last_col);
-            if (d.ii == db_ii) dbr[s] = db_accumulate<Tile>(dbr[s], das, d.c, d.ii, db_col, d.rg * RPG_K, (d.rg + 1) * RPG_K);
+          if (it < reg_items) {
+            const DwItem d = dw_item<Tile>(it, KH, JG);
+            const int j0 = d.jg * JB, nj = imin(JB, KW - j0);
+            dw_accumulate<Tile, JB, (K_ > 0)>(dwr[s], das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG,
+                                               last_col);
+            if (d.ii == db_ii && d.jg == 0)
+              dbr[s] = db_accumulate<Tile>(dbr[s], das, d.c, d.ii, db_col, d.rg * RPG, (d.rg + 1) * RPG);
           }
         }
       } else {
@@ -561,19 +567,21 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
       store_strip<Tile, T>(static_cast<T*>(p.dx.data) + offset(p.dx, tp.n, c, h, w0), p.dx.sw, valid, vec, d);
     }
   }
-  if constexpr (K_ > 0) {  // written once per block, lanes over channels
+  if constexpr (REG) {  // written once per block, lanes over channels
 #pragma unroll
     for (int s = 0; s < MAXIT; ++s) {
       const int it = threadIdx.x + s * Tile::THREADS;
-      if (it < ITEMS_K) {
-        const DwItem d = dw_item<Tile>(it, K_, 1);
+      if (it < reg_items) {
+        const DwItem d = dw_item<Tile>(it, KH, JG);
+        const int j0 = d.jg * JB, nj = imin(JB, KW - j0);
         const int cg = c0 + d.c;
         if (cg < p.C) {
-          const int64_t part = static_cast<int64_t>(group) * RG_K + d.rg;
-          const int ti = K_ - 1 - d.ii;
+          const int64_t part = static_cast<int64_t>(group) * RG + d.rg;
+          const int ti = KH - 1 - d.ii;
 #pragma unroll
-          for (int j = 0; j < K_; ++j) p.dw_part[((part * K_ + ti) * K_ + (K_ - 1 - j)) * p.C + cg] = dwr[s][j];
-          if (d.ii == K_ - 1 - p.pad_top) p.db_part[part * p.C + cg] = dbr[s];
+          for (int j = 0; j < JB; ++j)
+            if (j < nj) p.dw_part[((part * KH + ti) * KW + (KW - 1 - j0 - j)) * p.C + cg] = dwr[s][j];
+          if (d.ii == KH - 1 - p.pad_top && d.jg == 0) p.db_part[part * p.C + cg] = dbr[s];
         }
       }
     }
@@ -600,13 +608,15 @@ const char* launch_forward_tile(const DepthwiseParams& p, const ConvPlan& plan, 
 
 template <class Tile, typename T>
 const char* launch_backward_tile(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
-  void (*kernel)(DepthwiseParams, ConvPlan) = depthwise_backward_kernel<Tile, T, 0>;
+  void (*kernel)(DepthwiseParams, ConvPlan) = depthwise_backward_kernel<Tile, T, 0, 0>;
+  if constexpr (kDwRegItems<Tile> > 0)
+    if (plan.dw_in_registers) kernel = depthwise_backward_kernel<Tile, T, 0, kDwRegItems<Tile>>;
   if constexpr (!std::is_same<Tile, ClBackwardLargeTile>::value) {  // the large tile only runs large kernels
     switch (plan.kernel_k) {
-      case 3: kernel = depthwise_backward_kernel<Tile, T, 3>; break;
-      case 5: kernel = depthwise_backward_kernel<Tile, T, 5>; break;
-      case 7: kernel = depthwise_backward_kernel<Tile, T, 7>; break;
-      case 9: kernel = depthwise_backward_kernel<Tile, T, 9>; break;
+      case 3: kernel = depthwise_backward_kernel<Tile, T, 3, 0>; break;
+      case 5: kernel = depthwise_backward_kernel<Tile, T, 5, 0>; break;
+      case 7: kernel = depthwise_backward_kernel<Tile, T, 7, 0>; break;
+      case 9: kernel = depthwise_backward_kernel<Tile, T, 9, 0>; break;
       default: break;
     }
   }

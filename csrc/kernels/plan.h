@@ -80,6 +80,11 @@ inline int64_t weight_tile_floats(bool channels_last, int cb, int kc, int KW) {
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 constexpr int kMaxDwItems = 3;
+// The general (any k) path keeps up to this many dW items per thread in registers when the kernel
+// fits one pass (the large tile at k = 31: 8 channels x 4 tap blocks x 31 rows = 992 <= 4 x 256);
+// 0 (partials added per tile) for tiles with 16-output strips: 3 items already spill there.
+template <class Tile>
+constexpr int kDwRegItems = Tile::RW >= 16 ? 0 : 4;
 constexpr int dw_row_groups(int cb, int th, int jg, int kc, int threads) {
   int best = 1;
   int64_t best_items = 0, best_slots = 1;
@@ -100,6 +105,7 @@ struct ConvPlan {
   const char* error = nullptr;  // set when this configuration cannot run (reason in words)
   int kernel_k = 0;             // 3, 5, 7, 9: compile-time specialization; 0: general path
   bool large_tile = false;      // backward, channels_last: ClBackwardLargeTile
+  bool dw_in_registers = false; // backward, general path in one pass: dW/dB items in registers (kDwRegItems<Tile>)
   int threads = 0;
   int tile_h = 0, tile_w = 0, tiles_h = 0, tiles_w = 0;
   int64_t tiles = 0;            // N * tiles_h * tiles_w, index = (n * tiles_h + th) * tiles_w + tw
@@ -206,6 +212,9 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_
   plan.groups = ceil_div(std::max<int64_t>(plan.tiles, 1), plan.tiles_per_group);  // no empty group
   const int jg = plan.kernel_k ? 1 : ceil_div(p.KW, kTapBlock);
   plan.row_groups = dw_row_groups(Tile::CB, Tile::TH, jg, plan.row_chunk, Tile::THREADS);
+  const int64_t items = int64_t(Tile::CB) * plan.row_groups * jg * p.KH;
+  plan.dw_in_registers = plan.kernel_k == 0 && plan.row_chunk == p.KH && kDwRegItems<Tile> > 0 &&
+                         items <= int64_t(kDwRegItems<Tile>) * Tile::THREADS;
   plan.blocks = static_cast<int64_t>(plan.groups) * plan.channel_groups;
   if (plan.blocks > 0x7fffffff) plan.error = "too many tiles for one grid (N*H*W*C is too large)";
   return plan;
