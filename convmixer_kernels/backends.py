@@ -27,9 +27,8 @@ import functools
 import importlib
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional
 
 import torch
 

@@ -25,7 +25,6 @@ import torch
 
 from .ceilings import H200
 
-ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # fallback; the ops' own ACT_CODE is used when found
 
 
 @dataclass
@@ -117,21 +116,11 @@ def recording():
 # ------------------------------------------------------------------ the launchers, per layout
 
 
-class _Props:
-    multi_processor_count = H200.sms
-    name = "static sm_90 target"
-    major, minor = 9, 0
-
-
-def _new_layout():
-    try:
-        common = importlib.import_module("convmixer_kernels.ops.triton.common")
-        dw = importlib.import_module("convmixer_kernels.ops.triton.depthwise")
-        pw = importlib.import_module("convmixer_kernels.ops.triton.pointwise")
-    except Exception:
-        return None
-    if not hasattr(common, "static_target"):
-        return None
+def _layout():
+    """The Triton backend's plumbing and the two ops' launcher modules (the op contract)."""
+    common = importlib.import_module("convmixer_kernels.ops.triton.common")
+    dw = importlib.import_module("convmixer_kernels.ops.triton.depthwise")
+    pw = importlib.import_module("convmixer_kernels.ops.triton.pointwise")
     return common, dw, pw
 
 
@@ -150,53 +139,17 @@ def _patched(obj, name, value):
 
 @contextlib.contextmanager
 def sm90_policy(rec: _Recorder, all_configs: bool):
-    """Launchers pick what they would on an H200; with ``all_configs`` every autotune candidate is
-    launched (recorded as a candidate) before the default is used."""
-    new = _new_layout()
+    """Launchers pick what they would on an H200 (``ops/triton/common.static_target``); with
+    ``all_configs`` every autotune candidate is launched (recorded as a candidate) before the default."""
+    common, dw, pw = _layout()
     with contextlib.ExitStack() as stack:
-        if new is not None:
-            common, dw, pw = new
-            stack.enter_context(common.static_target())
-            if all_configs and hasattr(common, "Autotuner"):
-                orig = common.Autotuner.pick
-
-                def pick(self, key, candidates, launch, timer=None):
-                    _enumerate(rec, candidates, launch)
-                    return candidates[0]
-
-                stack.enter_context(_patched(common.Autotuner, "pick", pick))
-            yield dw, pw
-            return
-        dw = importlib.import_module("convmixer_kernels.ops.depthwise_block")
-        pw = importlib.import_module("convmixer_kernels.ops.pointwise_block")
-        try:
-            from convmixer_kernels.ops.batchnorm_triton import finalize_triton
-        except ImportError:
-            from convmixer_kernels.ops.triton.batchnorm import finalize_triton
-
-        def finalize(part, call):
-            with torch.no_grad():
-                return finalize_triton(part, call)
-
-        stack.enter_context(_patched(torch.cuda, "get_device_properties", lambda *a, **k: _Props()))
-        stack.enter_context(_patched(dw, "_interpreting", lambda device=None: False))
-        stack.enter_context(_patched(pw, "_interpreting", lambda device=None: False))
-        stack.enter_context(_patched(pw, "_num_sms", lambda device=None: H200.sms))
-        for mod in (dw, pw):
-            stack.enter_context(_patched(mod, "autotune_enabled", lambda: False))
-            stack.enter_context(_patched(mod, "finalize", finalize))
+        stack.enter_context(common.static_target())
         if all_configs:
-            def dw_pick(kind, key, candidates, bench):
-                _enumerate(rec, candidates, bench)
+            def pick(self, key, candidates, launch, timer=None):
+                _enumerate(rec, candidates, launch)
                 return candidates[0]
 
-            def pw_pick(key, I, J, default, launch):
-                cands = [default] + [c for c in pw.GEMM_CONFIGS if c != default]
-                _enumerate(rec, cands, launch)
-                return default
-
-            stack.enter_context(_patched(dw, "_pick_config", dw_pick))
-            stack.enter_context(_patched(pw, "_pick_config", pw_pick))
+            stack.enter_context(_patched(common.Autotuner, "pick", pick))
         yield dw, pw
 
 
@@ -227,18 +180,6 @@ class Shape:
         return self.batch * self.dim * self.size * self.size * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _act(dw_mod, name: str) -> int:
-    codes = getattr(dw_mod, "ACT_CODE", None) or ACT_CODES
-    return codes[name]
-
-
-def _bn_call(dw_mod, g, b, rm, rv, training):
-    BatchNormCall = getattr(dw_mod, "BatchNormCall", None)
-    if BatchNormCall is None:
-        from convmixer_kernels.ops.batchnorm import BatchNormCall
-    return BatchNormCall(g, b, rm, rv, training, 0.1, 1e-5)
-
-
 PHASES = {
     "dw_block": ("forward (training)", "forward (eval)", "backward"),
     "pw_block": ("forward (training)", "forward (eval)", "backward"),
@@ -246,46 +187,48 @@ PHASES = {
 
 
 def capture(op: str, s: Shape, phases=None, all_configs: bool = False) -> List[Launch]:
-    """Every launch the Triton backend makes for ``op`` ("dw_block" or "pw_block") at ``s``."""
+    """Every launch the Triton backend makes for ``op`` ("dw_block" or "pw_block") at ``s``: the contract's
+    launchers (ops/depthwise_block.py, ops/pointwise_block.py) composed as the ops compose them."""
+    from convmixer_kernels.ops.activation import ACT_CODE
+
     phases = phases or PHASES[op]
     meta = dict(device="meta")
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
     N, C, H, k = s.batch, s.dim, s.size, s.kernel_size
+    act = ACT_CODE[s.activation]
     x = torch.empty(N, C, H, H, dtype=s.dtype, **meta).contiguous(memory_format=fmt)
     f32 = lambda *shape: torch.empty(*shape, dtype=torch.float32, **meta)  # noqa: E731
     with recording() as rec, sm90_policy(rec, all_configs) as (dw, pw), torch.no_grad():
+        b = torch.empty(C, dtype=s.dtype, **meta)
         if op == "dw_block":
             w = torch.empty(C, 1, k, k, dtype=s.dtype, **meta)
-            b = torch.empty(C, dtype=s.dtype, **meta)
             pads = ((k - 1) // 2, (k - 1) // 2)
-            act = _act(dw, s.activation)
             for phase in phases:
                 rec.phase = f"dw_block {phase}"
                 if phase == "forward (training)":
-                    dw.depthwise_forward(x, w, b, f32(C), f32(C), f32(C), f32(C), True, 0.1, 1e-5, act, pads, True)
+                    a, part = dw.conv_stats(x, w, b, act, pads)
+                    dw.apply(a, x, dw.finalize(part, f32(C), f32(C), 1e-5), act)
                 elif phase == "forward (eval)":
-                    dw.depthwise_forward(x, w, b, f32(C), f32(C), f32(C), f32(C), False, 0.1, 1e-5, act, pads,
-                                         False)
+                    dw.conv_apply(x, w, b, f32(6, C), act, pads, False)
                 else:
                     dy, a = torch.empty_like(x), torch.empty_like(x)
-                    dw.depthwise_backward(dy, x, a, w, f32(C), f32(2, C), True, act, pads, True, True, True, True)
+                    dw.grad_sums(dy, a, f32(6, C), act)
+                    dw.input_grad(dy, a, x, w, f32(4, C), act, pads, True, True, True, True)
         else:
             w = torch.empty(C, C, 1, 1, dtype=s.dtype, **meta)
-            b = torch.empty(C, dtype=s.dtype, **meta)
             M = N * H * H
             for phase in phases:
                 rec.phase = f"pw_block {phase}"
                 if phase == "forward (training)":
-                    pw.pointwise_forward(x, w, b, _bn_call(pw, f32(C), f32(C), f32(C), f32(C), True), s.activation,
-                                         True)
+                    p, part = pw.linear(x, w, b, act, True)
+                    pw.apply(p, x, pw.finalize(part, f32(C), f32(C), 1e-5), act)
                 elif phase == "forward (eval)":
-                    pw.pointwise_forward(x, w, b, _bn_call(pw, f32(C), f32(C), f32(C), f32(C), False),
-                                         s.activation, False)
+                    pw.linear_apply(x, w, b, f32(6, C), act)
                 else:
                     dz = torch.empty_like(x)
                     p = torch.empty(M, C, dtype=s.dtype, **meta)
-                    pw.pointwise_backward(dz, x, w, p, f32(C), f32(C), f32(C), True, s.activation, True, True, True,
-                                          True)
+                    pw.grad_sums(dz, p, f32(6, C), act)
+                    pw.input_grad(dz, p, x, w, f32(4, C), act, True, True, True, True)
     return rec.launches
 
 
@@ -294,14 +237,12 @@ def fused_saved(op: str, s: Shape) -> Tuple[int, int]:
     launches recorded, not run); parameters and BatchNorm buffers excluded."""
     from .traffic import saved_bytes
 
-    new = _new_layout()
-    if new is not None:
-        entry = {"dw_block": (new[1], "depthwise_block_triton"), "pw_block": (new[2], "pointwise_block_triton")}[op]
-    else:
-        entry = {"dw_block": (importlib.import_module("convmixer_kernels.ops.depthwise_block"), "depthwise_block_triton"),
-                 "pw_block": (importlib.import_module("convmixer_kernels.ops.pointwise_block"),
-                              "pointwise_block_triton")}[op]
-    fn = getattr(*entry)
+    import functools
+
+    from convmixer_kernels.ops import depthwise_block, pointwise_block
+
+    fused = depthwise_block.depthwise_block_fused if op == "dw_block" else pointwise_block.pointwise_block_fused
+    fn = functools.partial(fused, backend="triton")
     meta = dict(device="meta")
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
     N, C, H, k = s.batch, s.dim, s.size, s.kernel_size

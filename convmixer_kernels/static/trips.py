@@ -100,10 +100,9 @@ def _sum_rows(c, a, grid):
 
 
 def _finalize(c, a, grid):
-    return Plan([Loop(max(a["T"] - 1, 0), runtime=True, name="tiles (dependent chain)")],
-                reads=["partials_ptr", "weight_ptr", "bias_ptr", "rmean_ptr", "rvar_ptr"],
-                writes=["mean_ptr", "rstd_ptr", "scale_ptr", "shift_ptr", "rmean_ptr", "rvar_ptr"],
-                what="BatchNorm finalize (Chan combine in tile order, running stats)")
+    return Plan([Loop(cdiv(a["T"], c.get("SPLIT", 1)), runtime=True, name="tiles, SPLIT lanes in parallel")],
+                reads=["partials_ptr", "weight_ptr", "bias_ptr"], writes=["out_ptr"],
+                what="BatchNorm finalize (Chan combine in a fixed order, float64)")
 
 
 def _gemm(c, a, grid):
@@ -126,14 +125,9 @@ def _pw_apply(c, a, grid):
 def _bn_bwd(c, a, grid):
     store = c.get("STORE_DP")
     return Plan([Loop(a["tiles_per_prog"], name="row tiles")],
-                reads=["dz_ptr", "p_ptr", "mean_ptr", "rstd_ptr", "scale_ptr"] + (["sums_ptr"] if store else []),
+                reads=["dz_ptr", "p_ptr"] + (["coef_ptr"] if store else ["mean_ptr", "rstd_ptr"]),
                 writes=(["dp_ptr"] if store else []) + ["part_ptr"],
                 what="dp = BN_bwd(dz)*act'(p)" if store else "sum(dz), sum(dz*xhat)")
-
-
-def _sum_tiles(c, a, grid):
-    return Plan([Loop(max(a["T"] - 1, 0), runtime=True, name="tiles")], reads=["part_ptr"], writes=["out_ptr"],
-                what="fixed-order sum of partials")
 
 
 PLANS: Dict[str, Callable] = {
@@ -145,7 +139,6 @@ PLANS: Dict[str, Callable] = {
     "_finalize_kernel": _finalize,
     "_gemm_kernel": _gemm,
     "_bn_bwd_kernel": _bn_bwd,
-    "_sum_tiles_kernel": _sum_tiles,
 }
 
 

@@ -171,7 +171,9 @@ def sum_rows(src: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     out = empty(tuple(src.shape[1:]), dtype=dtype, device=src.device)
     if interpreting(src.device):
         BLOCK, SPLIT = 16, 2
-    else:  # enough programs along L to fill the GPU, SPLIT rows in flight per program
-        BLOCK, SPLIT = (128, 8) if L >= 64 * num_sms(src.device) else (32, 32)
+    elif L >= 512 * num_sms(src.device):  # wide: programs along L fill the GPU; rows in order
+        BLOCK, SPLIT = 512, 1
+    else:  # narrow: more, smaller programs, each with up to 32 rows in flight
+        BLOCK, SPLIT = 32, min(32, p2(T))
     _sum_rows_kernel[(triton.cdiv(L, BLOCK),)](src, out, T, L, BLOCK=BLOCK, SPLIT=SPLIT)
     return out
