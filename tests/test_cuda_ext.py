@@ -581,23 +581,39 @@ def test_nchw_vector_epilogues(kernels, dtype, train):
                      activation="gelu")
 
 
-def test_large_kernel_backward_is_deterministic_and_one_pass(kernels):
-    """channels_last k = 31 (8-channel tile, one pass): bitwise equal runs, several tiles per block."""
+@pytest.mark.parametrize("layout, k, N, H, W, tiles", [
+    ("channels_last", 3, 3, 33, 17, 3 * 3 * 2),   # 16-channel 16x16 tile, k = 3 (registers, compile-time k)
+    ("channels_last", 9, 3, 33, 17, 3 * 3 * 2),
+    ("channels_last", 10, 3, 33, 17, 3 * 3 * 2),  # general path, partials added per tile
+    ("channels_last", 31, 3, 20, 18, 3 * 2 * 2),  # 8-channel tile, one pass, registers
+    ("nchw", 9, 3, 33, 20, 3 * 3 * 1),
+    ("nchw", 31, 3, 33, 20, 3 * 3 * 1),
+])
+def test_backward_blocks_accumulate_several_tiles_deterministically(kernels, layout, k, N, H, W, tiles):
+    """Every backward path with more tiles than blocks: bitwise equal runs, partials sum to float64's dW, dB."""
     device, ext = kernels
-    x, w, b, *_ = _problem(3, 8, 20, 18, 31, 31)
-    x = x.float().to(device).contiguous(memory_format=torch.channels_last)
-    w, b = w.float().to(device), b.float().to(device)
-    a, _ = ext.forward(x, w, b, None, None, 0, 15, 15, True)
+    x, w, b, *_ = _problem(N, 8, H, W, k, k, seed=k)
+    x, w, b = x.float().to(device), w.float().to(device), b.float().to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pt = (k - 1) // 2
+    a, _ = ext.forward(x, w, b, None, None, 0, pt, pt, True)
     dy = _randn(x.shape, 5).float().to(device)
     ones, zeros = torch.ones(8, device=device), torch.zeros(8, device=device)
-    runs = [ext.backward(dy, a, x, w, zeros, ones, zeros, zeros, 0, 15, 15, False) for _ in range(2)]
+    runs = [ext.backward(dy, a, x, w, zeros, ones, zeros, zeros, 0, pt, pt, False) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
-    dx_ref, dw_ref, db_ref = _conv_backward_reference_given_a(x, w, a, dy, ones, 15, 15)
+    dx_ref, dw_ref, db_ref = _conv_backward_reference_given_a(x, w, a, dy, ones, pt, pt)
     dx, dw_part, db_part = runs[0]
-    assert dw_part.shape[0] < 3 * 2 * 2  # each block visits several tiles
+    assert dw_part.shape[0] < tiles  # each block visits several tiles
     assert _rel(dx, dx_ref) < 2e-6 and _rel(dw_part.sum((0, 1)), dw_ref) < 2e-6 and _rel(db_part.sum((0, 1)), db_ref) < 2e-6
-    assert ext.config_error(1, 8, 6, 6, 32, 32, True) != ""  # k = 32 would need a second pass
+
+
+def test_channels_last_backward_never_chunks_kernel_rows(kernels):
+    """channels_last runs the whole kernel in one pass (k <= 31); k = 32 would need a second pass."""
+    _, ext = kernels
+    assert ext.config_error(1, 8, 6, 6, 31, 31, True) == ""
+    assert "too wide" in ext.config_error(1, 8, 6, 6, 32, 32, True)
 
 
 def test_combine_tree_matches_the_sequential_order(kernels):

@@ -37,11 +37,12 @@ struct Tile {
 // Backward: the da halo tile (what dx needs) also serves the weight gradient, re-indexed over
 // the x positions of the tile (see depthwise_conv.cuh), so x is staged without a halo and every
 // supported kernel runs in one pass on the channels_last path:
-//   ClBackwardTile       32 channels, 8x16: k up to about 11 within kSmemBudget;
-//   ClBackwardLargeTile   8 channels, 16x16: larger k (up to 31) within kSmemBudgetLarge; 8
-//                         channels are 16 (bf16/f16) or 32 (f32) contiguous bytes per position.
+//   ClBackwardTile       16 channels, 16x16: k up to 15 within kSmemBudget (a 2.25x da halo,
+//                        against 3x for 32 channels x 8x16);
+//   ClBackwardLargeTile  8 channels, 16x16: larger k (up to 31) within kSmemBudgetLarge; 8
+//                        channels are 16 (bf16/f16) or 32 (f32) contiguous bytes per position.
 using ClForwardTile = Tile<true, 32, 8, 16, 16>;      // 256 threads
-using ClBackwardTile = Tile<true, 32, 8, 16, 16>;     // 256 threads
+using ClBackwardTile = Tile<true, 16, 16, 16, 16>;    // 256 threads
 using ClBackwardLargeTile = Tile<true, 8, 16, 16, 8>; // 256 threads
 using NchwForwardTile = Tile<false, 2, 32, 32, 16>;   // 128 threads
 using NchwBackwardTile = Tile<false, 2, 16, 32, 8>;   // 128 threads
