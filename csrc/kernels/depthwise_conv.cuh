@@ -192,6 +192,27 @@ __device__ void load_weights(const DepthwiseParams& p, const WeightTile<Tile>& d
   }
 }
 
+// acc[t] += sum_{j < nj} wts(c, i, j0 + j) * src(c, row + i, col0 + t + j0 + j): one block of up
+// to kTapBlock taps of kernel row i (EXACT: nj == kTapBlock, no predicates). The tail block skips
+// its missing taps, not multiplying them by zero: 0 * inf would turn into NaN.
+template <class Tile, bool EXACT>
+__device__ __forceinline__ void tap_block(float (&acc)[Tile::RW], const SmemTile<Tile>& src, const WeightTile<Tile>& wts,
+                                          int c, int row, int col0, int i, int j0, int nj) {
+  constexpr int RW = Tile::RW, JB = kTapBlock;
+  float win[RW + JB - 1], wr[JB];
+#pragma unroll
+  for (int u = 0; u < RW + JB - 1; ++u) win[u] = EXACT || u < RW + nj - 1 ? src.at(c, row + i, col0 + j0 + u) : 0.f;
+#pragma unroll
+  for (int j = 0; j < JB; ++j) wr[j] = EXACT || j < nj ? wts.at(c, i, j0 + j) : 0.f;
+#pragma unroll
+  for (int j = 0; j < JB; ++j) {
+    if (EXACT || j < nj) {
+#pragma unroll
+      for (int t = 0; t < RW; ++t) acc[t] = fmaf(wr[j], win[t + j], acc[t]);
+    }
+  }
+}
+
 // acc[t] += sum_{i < kc, j < KW} wts(c, i, j) * src(c, row + i, col0 + t + j) for t < RW: the
 // stride-1 correlation of one strip, from a register window sliding along W.
 template <class Tile, int K_>
@@ -211,24 +232,11 @@ __device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTil
 #pragma unroll
         for (int t = 0; t < RW; ++t) acc[t] = fmaf(wr[j], win[t + j], acc[t]);
     }
-  } else {  // any kernel: taps in blocks of kTapBlock; the tail block skips its missing taps
-    constexpr int JB = kTapBlock;
+  } else {  // any kernel: taps in blocks of kTapBlock, full blocks unpredicated, then the tail
     for (int i = 0; i < kc; ++i) {
-      for (int j0 = 0; j0 < KW; j0 += JB) {
-        const int nj = imin(JB, KW - j0);
-        float win[RW + JB - 1], wr[JB];
-#pragma unroll
-        for (int u = 0; u < RW + JB - 1; ++u) win[u] = u < RW + nj - 1 ? src.at(c, row + i, col0 + j0 + u) : 0.f;
-#pragma unroll
-        for (int j = 0; j < JB; ++j) wr[j] = j < nj ? wts.at(c, i, j0 + j) : 0.f;
-#pragma unroll
-        for (int j = 0; j < JB; ++j) {
-          if (j < nj) {  // skipped, not multiplied by zero: 0 * inf would turn into NaN
-#pragma unroll
-            for (int t = 0; t < RW; ++t) acc[t] = fmaf(wr[j], win[t + j], acc[t]);
-          }
-        }
-      }
+      int j0 = 0;
+      for (; j0 + kTapBlock <= KW; j0 += kTapBlock) tap_block<Tile, true>(acc, src, wts, c, row, col0, i, j0, kTapBlock);
+      if (j0 < KW) tap_block<Tile, false>(acc, src, wts, c, row, col0, i, j0, KW - j0);
     }
   }
 }
@@ -520,8 +528,10 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
           if (it < reg_items) {
             const DwItem d = dw_item<Tile>(it, KH, JG);
             const int j0 = d.jg * JB, nj = imin(JB, KW - j0);
-            dw_accumulate<Tile, JB, (K_ > 0)>(dwr[s], das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG,
-                                               last_col);
+            if (K_ > 0 || nj == JB)  // full tap block: no predicates, no clamps
+              dw_accumulate<Tile, JB, true>(dwr[s], das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG, last_col);
+            else
+              dw_accumulate<Tile, JB, false>(dwr[s], das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG, last_col);
             if (d.ii == db_ii && d.jg == 0)
               dbr[s] = db_accumulate<Tile>(dbr[s], das, d.c, d.ii, db_col, d.rg * RPG, (d.rg + 1) * RPG);
           }
@@ -534,7 +544,10 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
           float dw[JB];
 #pragma unroll
           for (int j = 0; j < JB; ++j) dw[j] = 0.f;
-          dw_accumulate<Tile, JB, false>(dw, das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG, last_col);
+          if (nj == JB)
+            dw_accumulate<Tile, JB, true>(dw, das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG, last_col);
+          else
+            dw_accumulate<Tile, JB, false>(dw, das, xc, d.c, d.ii, j0, nj, d.rg * RPG, (d.rg + 1) * RPG, last_col);
           const int cg = c0 + d.c;
           if (cg < p.C) {
             const bool first = tile == t_begin;
