@@ -155,22 +155,37 @@ __device__ void load_tile(const DepthwiseParams& p, const SmemTile<Tile>& dst, i
       return;
     }
   }
-  const int total = Tile::CB * rows * cols;
-  for (int e = tid; e < total; e += Tile::THREADS) {
-    int c, q, v;
-    if (Tile::kChannelsLast) {  // consecutive threads: consecutive channels (coalesced along C)
-      c = e % Tile::CB;
-      const int pos = e / Tile::CB;
-      q = pos / cols;
-      v = pos % cols;
-    } else {  // consecutive threads: consecutive columns (coalesced along W)
-      v = e % cols;
-      const int rest = e / cols;
-      q = rest % rows;
-      c = rest / rows;
+  if (Tile::kChannelsLast || cols % 32 != 0) {
+    // channels_last: consecutive threads, consecutive channels (coalesced along C);
+    // NCHW: consecutive threads, consecutive columns (coalesced along W, every lane busy)
+    const int total = Tile::CB * rows * cols;
+    for (int e = tid; e < total; e += Tile::THREADS) {
+      int c, q, v;
+      if (Tile::kChannelsLast) {
+        c = e % Tile::CB;
+        const int pos = e / Tile::CB;
+        q = pos / cols;
+        v = pos % cols;
+      } else {
+        v = e % cols;
+        const int rest = e / cols;
+        q = rest % rows;
+        c = rest / rows;
+      }
+      const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
+      dst.at(c, q, v) = (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) ? fn.scalar(n, cg, h, w) : 0.f;
     }
-    const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
-    dst.at(c, q, v) = (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) ? fn.scalar(n, cg, h, w) : 0.f;
+  } else {  // NCHW rows of whole warps (the x tile): a warp per (channel, row), no per-element divisions
+    const int warp = tid / 32, lane = tid % 32;
+    for (int cq = warp; cq < Tile::CB * rows; cq += Tile::THREADS / 32) {
+      const int c = cq / rows, q = cq - c * rows;
+      const int h = h_begin + q, cg = c0 + c;
+      const bool row_ok = h >= 0 && h < p.H && cg < p.C;
+      for (int v = lane; v < cols; v += 32) {
+        const int w = w_begin + v;
+        dst.at(c, q, v) = (row_ok && w >= 0 && w < p.W) ? fn.scalar(n, cg, h, w) : 0.f;
+      }
+    }
   }
 }
 
