@@ -7,6 +7,7 @@ Public API:
     fuse_convmixer(model, backend="auto"), unfuse_convmixer(model), plan_fusion(model)
     to_official_layout(state_dict), to_timm_layout(state_dict)
     available_backends(device=None), explain_backends(device=None), BackendUnavailableError
+    SyncBatchNorm, convert_sync_batchnorm(model, process_group=None)  (multi-process training, any device)
 """
 from ._version import __version__
 from .checkpoints import to_official_layout, to_timm_layout
@@ -14,9 +15,10 @@ from .backends import BackendUnavailableError, available_backends, explain_backe
 from .convert import fuse_convmixer, plan_fusion, unfuse_convmixer
 from .model import ConvMixer
 from .modules import FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock, Residual
+from .syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "__version__", "ConvMixer", "FusedDepthwiseBlock", "FusedPointwiseBlock", "FusedConvMixerLayer", "Residual",
     "fuse_convmixer", "unfuse_convmixer", "plan_fusion", "available_backends", "explain_backends",
-    "BackendUnavailableError", "to_official_layout", "to_timm_layout",
+    "BackendUnavailableError", "to_official_layout", "to_timm_layout", "SyncBatchNorm", "convert_sync_batchnorm",
 ]

@@ -45,8 +45,10 @@ def _activation_problem(act: nn.Module) -> Optional[str]:
 
 
 def _batchnorm_problem(bn: nn.Module, channels: int) -> Optional[str]:
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{type(bn).__name__} is not nn.BatchNorm2d"
+    from .syncbn import SyncBatchNorm
+
+    if type(bn) not in (nn.BatchNorm2d, SyncBatchNorm) and not isinstance(bn, nn.SyncBatchNorm):
+        return f"{type(bn).__name__} is not nn.BatchNorm2d or a SyncBatchNorm"
     if bn.num_features != channels:
         return f"BatchNorm2d has {bn.num_features} features but the conv has {channels} output channels"
     return None

@@ -40,6 +40,7 @@ class BatchNormCall:
     use_batch_stats: bool  # normalize with the batch's statistics (training, or no buffers)
     momentum: float  # the exponential average factor for this step
     eps: float
+    sync_group: Optional[str] = None  # SyncBatchNorm: the process group whose joint batch is normalized
 
 
 def batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> BatchNormCall:
@@ -73,6 +74,7 @@ def deferred_batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[BatchN
         use_batch_stats=use_batch_stats,
         momentum=momentum,
         eps=bn.eps,
+        sync_group=sync_group_of(bn) if use_batch_stats and bn.training else None,
     )
     tracked = bn.num_batches_tracked
 
@@ -81,6 +83,94 @@ def deferred_batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[BatchN
             tracked.add_(1)
 
     return call, count
+
+
+# ------------------------------------------------------------ SyncBatchNorm
+
+
+def sync_group_of(bn: nn.Module) -> Optional[str]:
+    """The name of the process group an nn.SyncBatchNorm normalizes over, or None when it acts as a plain
+    BatchNorm (not a SyncBatchNorm, no process group initialized, or a group of one), as nn.SyncBatchNorm
+    decides."""
+    import torch.distributed as dist
+
+    synchronized = isinstance(bn, nn.SyncBatchNorm) or hasattr(bn, "process_group")  # convmixer_kernels.SyncBatchNorm
+    if not synchronized or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group.group_name if dist.get_world_size(group) > 1 else None
+
+
+def process_group(name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def gather_partials(finalized: torch.Tensor, group_name: str) -> torch.Tensor:
+    """This rank's finalized statistics -> partials [3, world, C] of every rank, in rank order: one
+    all-gather of a fixed-size buffer, no host synchronization. Finalizing them gives the joint batch's."""
+    import torch.distributed as dist
+
+    group = process_group(group_name)
+    local = torch.stack((finalized[COUNT], finalized[MEAN], finalized[M2]))
+    world = dist.get_world_size(group)
+    out = local.new_empty((world * local.shape[0], local.shape[1]))  # gloo wants the concatenated shape
+    dist.all_gather_into_tensor(out, local, group=group)
+    return out.view(world, 3, -1).transpose(0, 1).contiguous()
+
+
+def sum_across(t: torch.Tensor, group_name: str) -> torch.Tensor:
+    """t summed over the process group (one all-reduce), e.g. the backward's two per-channel sums."""
+    import torch.distributed as dist
+
+    out = t.clone()
+    dist.all_reduce(out, group=process_group(group_name))
+    return out
+
+
+def sync_batch_norm_reference(g: torch.Tensor, running_mean, running_var, weight, bias, momentum: float, eps: float,
+                              group_name: str) -> torch.Tensor:
+    """nn.SyncBatchNorm's training forward as a composition of differentiable ops, on any device (PyTorch's
+    own refuses CPU tensors): every rank's (count, mean, M2) gathered, combined in rank order, and the
+    running buffers updated with the joint batch's unbiased variance. Its autograd sums the statistics'
+    gradients over the group (torch.distributed.nn), as SyncBatchNorm's backward does."""
+    from torch.distributed.nn.functional import all_gather
+
+    C = g.shape[1]
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    gf = g.to(acc)
+    n = torch.full((C,), float(g.numel() // max(C, 1)), dtype=acc, device=g.device)
+    mean = gf.mean(dim=(0, 2, 3)) if g.numel() else torch.zeros(C, dtype=acc, device=g.device)
+    m2 = ((gf - mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
+    parts = all_gather(torch.stack((n, mean, m2)), group=process_group(group_name))
+    count, mean, m2 = parts[0][0], parts[0][1], parts[0][2]
+    for p in parts[1:]:  # Chan's formula, in rank order
+        nb, mb, m2b = p[0], p[1], p[2]
+        total = count + nb
+        delta = mb - mean
+        mean = mean + delta * nb / total
+        m2 = m2 + m2b + delta * delta * count * nb / total
+        count = total
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_((momentum * mean).to(running_mean.dtype))
+            running_var.mul_(1 - momentum).add_((momentum * m2 / (count - 1)).to(running_var.dtype))
+    rstd = torch.rsqrt(m2 / count + eps)
+    y = (gf - mean[None, :, None, None]) * rstd[None, :, None, None]
+    if weight is not None:
+        y = y * weight.to(acc)[None, :, None, None]
+    if bias is not None:
+        y = y + bias.to(acc)[None, :, None, None]
+    return y.to(g.dtype)
+
+
+def batch_norm_reference(g: torch.Tensor, running_mean, running_var, weight, bias, use_batch_stats: bool,
+                         momentum: float, eps: float, sync_group: Optional[str] = None) -> torch.Tensor:
+    """F.batch_norm, or SyncBatchNorm's joint-batch normalization when ``sync_group`` is set."""
+    if sync_group is not None and use_batch_stats:
+        return sync_batch_norm_reference(g, running_mean, running_var, weight, bias, momentum, eps, sync_group)
+    return F.batch_norm(g, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
 
 
 def check_batchnorm_call(shape, call: BatchNormCall) -> None:
@@ -183,16 +273,17 @@ def update_running_stats(call: BatchNormCall, stats: torch.Tensor) -> None:
 
 
 def backward_coefficients(sums: Optional[torch.Tensor], stats: torch.Tensor, weight: Optional[torch.Tensor],
-                          count: int, use_batch_stats: bool) -> torch.Tensor:
+                          use_batch_stats: bool) -> torch.Tensor:
     """Per-channel [4, C] (k1, k2, mean_dy, mean) with BatchNorm's backward folded in:
     dL/dg = k1 * (dy - mean_dy) + k2 * (g - mean), where g = act(pre-activation).
 
     Training (batch statistics): k1 = gamma * rstd, k2 = -k1 * rstd * sum(dy * xhat) / M,
-    mean_dy = sum(dy) / M (``sums`` = [2, C] (sum dy, sum dy * xhat)); dy - mean_dy is taken first,
+    mean_dy = sum(dy) / M (``sums`` = [2, C] (sum dy, sum dy * xhat) over the batch of ``stats[COUNT]`` = M
+    elements, the joint batch under SyncBatchNorm); dy - mean_dy is taken first,
     as PyTorch does: it cancels, and a separately rounded k1 * mean_dy would lose the low bits of
     the bias gradient. Eval: k2 = mean_dy = 0.
     """
-    mean, rstd = stats[MEAN], stats[RSTD]
+    mean, rstd, count = stats[MEAN], stats[RSTD], stats[COUNT]
     k1 = rstd if weight is None else weight.float() * rstd
     if use_batch_stats:
         k2 = -k1 * rstd * (sums[1] / count)

@@ -58,11 +58,12 @@ def same_padding(padding: Padding, kernel_size: Tuple[int, int]) -> Tuple[int, i
 
 def depthwise_block_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                               use_batch_stats: bool, momentum: float, eps: float, *,
-                              activation: str, padding: Padding) -> torch.Tensor:
+                              activation: str, padding: Padding, sync_group: Optional[str] = None) -> torch.Tensor:
     """The unfused composition, op for op as the reference module runs it."""
     a = F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
     g = activation_reference(a, activation)
-    z = F.batch_norm(g, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps)
+    z = batchnorm.batch_norm_reference(g, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum,
+                                       eps, sync_group)
     return z + x
 
 
@@ -79,7 +80,7 @@ def _on_device(x: Tensor):
 def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
             bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
             use_batch_stats: bool, eps: float, act: int, pad_top: int, pad_left: int, store_a: bool,
-            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+            backend: str, sync_group: str = "") -> Tuple[Tensor, Tensor, Tensor]:
     """-> (y, a, stats): stats is the finalized [6, C] of ``batchnorm.py`` (batch statistics in training,
     running ones in eval); ``a`` is empty unless ``store_a``. Reads, never writes, the running buffers."""
     kernels = backends.kernels(OP, backend)
@@ -91,6 +92,8 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
         if use_batch_stats:
             a, partials = kernels.conv_stats(x, weight, bias, act, pads)
             stats = kernels.finalize(partials, bn_weight, bn_bias, eps)
+            if sync_group:  # SyncBatchNorm: the joint batch's statistics, every rank's combined in rank order
+                stats = kernels.finalize(batchnorm.gather_partials(stats, sync_group), bn_weight, bn_bias, eps)
             y = kernels.apply(a, x, stats, act)
         else:
             stats = batchnorm.finalized_from_running(running_mean, running_var, bn_weight, bn_bias, eps)
@@ -100,7 +103,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
 
 @_fwd_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, act, pad_top, pad_left,
-      store_a, backend):
+      store_a, backend, sync_group=""):
     out = lambda: x.new_empty(x.shape).contiguous(memory_format=output_format(x))  # noqa: E731
     return out(), (out() if store_a else x.new_empty(0)), x.new_empty((6, x.shape[1]), dtype=torch.float32)
 
@@ -108,7 +111,7 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_
 @torch.library.custom_op("convmixer_kernels::depthwise_block_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x: Tensor, a: Tensor, weight: Tensor, bn_weight: Optional[Tensor], stats: Tensor,
             use_batch_stats: bool, act: int, pad_top: int, pad_left: int, need_dx: bool, need_dw: bool,
-            need_db: bool, need_dbn: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            need_db: bool, need_dbn: bool, backend: str, sync_group: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dw, db, dgamma, dbeta), dgamma and dbeta float32; gradients not asked for are empty."""
     kernels = backends.kernels(OP, backend)
     N, C, H, W = x.shape
@@ -124,7 +127,9 @@ def _bwd_op(dy: Tensor, x: Tensor, a: Tensor, weight: Tensor, bn_weight: Optiona
         dbeta = sums[0].clone() if need_dbn else torch.zeros(C, **f32)
         if not (need_dx or need_dw or need_db):
             return x.new_empty(0), x.new_empty(0), x.new_empty(0), dgamma, dbeta
-        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, M, use_batch_stats)
+        if sync_group and use_batch_stats:  # the joint batch's sums; dgamma, dbeta stay this rank's (DDP sums them)
+            sums = batchnorm.sum_across(sums, sync_group)
+        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, use_batch_stats)
         dx, dw, db = kernels.input_grad(dy, a, x, weight, coef, act, (pad_top, pad_left), use_batch_stats,
                                         need_dx, need_dw, need_db)
     return dx, dw, db, dgamma, dbeta
@@ -132,7 +137,7 @@ def _bwd_op(dy: Tensor, x: Tensor, a: Tensor, weight: Tensor, bn_weight: Optiona
 
 @_bwd_op.register_fake
 def _(dy, x, a, weight, bn_weight, stats, use_batch_stats, act, pad_top, pad_left, need_dx, need_dw, need_db,
-      need_dbn, backend):
+      need_dbn, backend, sync_group=""):
     C = x.shape[1]
     return (x.new_empty(x.shape).contiguous(memory_format=output_format(x)) if need_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
@@ -149,18 +154,19 @@ def _tracing(t: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, _, _, use_batch_stats, _, act, pad_top, pad_left, store_a, backend = inputs
+    x, weight, bias, bn_weight, bn_bias, _, _, use_batch_stats, _, act, pad_top, pad_left, store_a, backend = inputs[:14]
+    sync_group = inputs[14] if len(inputs) > 14 else ""
     _, a, stats = output
     ctx.mark_non_differentiable(a, stats)
     # x and a are the only activation-sized tensors kept (design.md section 4)
     ctx.save_for_backward(x, a, weight, bn_weight, stats)
-    ctx.config = (use_batch_stats, act, pad_top, pad_left, store_a, backend)
+    ctx.config = (use_batch_stats, act, pad_top, pad_left, store_a, backend, sync_group)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, bn_weight, bn_bias))
 
 
 def _backward(ctx, dy, _da, _dstats):
     x, a, weight, bn_weight, stats = ctx.saved_tensors
-    use_batch_stats, act, pad_top, pad_left, store_a, backend = ctx.config
+    use_batch_stats, act, pad_top, pad_left, store_a, backend, sync_group = ctx.config
     if not store_a:
         raise RuntimeError("depthwise_block: the forward ran without keeping the pre-activation (no input "
                            "required grad then), so it cannot be differentiated")
@@ -172,17 +178,18 @@ def _backward(ctx, dy, _da, _dstats):
     need_db = need[2] and bias_dtype is not None
     dx, dw, db, dgamma, dbeta = torch.ops.convmixer_kernels.depthwise_block_bwd(
         dy, x, a, weight, bn_weight, stats, use_batch_stats, act, pad_top, pad_left, need[0], need[1], need_db,
-        need[3] or need[4], backend)
+        need[3] or need[4], backend, sync_group)
     return (dx if need[0] else None, dw if need[1] else None, db.to(bias_dtype) if need_db else None,
             dgamma.to(gamma_dtype) if need[3] else None, dbeta.to(beta_dtype) if need[4] else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def depthwise_block_fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats: bool,
-                          momentum: float, eps: float, *, activation: str, padding: Padding, backend: str) -> Tensor:
+                          momentum: float, eps: float, *, activation: str, padding: Padding, backend: str,
+                          sync_group: Optional[str] = None) -> Tensor:
     """The reference's signature and semantics on a fused ``backend`` (running buffers updated in place)."""
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
         raise ValueError(f"depthwise_block ({backend}): expected x [N, C, H, W] and weight [C, 1, kh, kw], "
@@ -192,10 +199,10 @@ def depthwise_block_fused(x, weight, bias, bn_weight, bn_bias, running_mean, run
                                               for t in (x, weight, bias, bn_weight, bn_bias))
     y, _, stats = torch.ops.convmixer_kernels.depthwise_block_fwd(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(use_batch_stats), float(eps),
-        ACT_CODE[activation], pad_top, pad_left, store_a, backend)
+        ACT_CODE[activation], pad_top, pad_left, store_a, backend, sync_group or "")
     if x.numel() > 0:
         batchnorm.update_running_stats(BatchNormCall(bn_weight, bn_bias, running_mean, running_var,
-                                                     use_batch_stats, momentum, eps), stats)
+                                                     use_batch_stats, momentum, eps), stats)  # joint-batch stats
     return y
 
 

@@ -42,7 +42,7 @@ def _verdict_key(op: str, requested: str, x: torch.Tensor, weight: torch.Tensor,
     params = tuple(None if t is None else (t.device, t.dtype, t.shape)
                    for t in (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var))
     return (op, requested, backends.strict(), x.device, x.dtype, cdtype, x.shape, x.stride(), params,
-            bn.use_batch_stats, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+            bn.use_batch_stats, bn.sync_group, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
             tuple(sorted(kwargs.items())))
 
 
@@ -80,6 +80,7 @@ def run_block(op: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNor
     check_batchnorm_call(x.shape, bn)
     fn = backends.implementation(op, name)
     args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.use_batch_stats, bn.momentum, bn.eps)
+    kwargs = dict(kwargs, sync_group=bn.sync_group)
     if name == "torch":
         return fn(x, weight, bias, *args, **kwargs), name
     # a named range, so profiler traces show which fused op is which

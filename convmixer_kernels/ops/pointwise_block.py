@@ -41,11 +41,12 @@ OP = "pointwise_block"
 
 def pointwise_block_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                               use_batch_stats: bool, momentum: float, eps: float, *,
-                              activation: str) -> Tensor:
+                              activation: str, sync_group: Optional[str] = None) -> Tensor:
     """The unfused composition, op for op as the reference module runs it."""
     p = F.conv2d(x, weight, bias)
     g = activation_reference(p, activation)
-    return F.batch_norm(g, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps)
+    return batchnorm.batch_norm_reference(g, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum,
+                                          eps, sync_group)
 
 
 # ====================================================================== the op contract
@@ -59,7 +60,8 @@ def _on_device(x: Tensor):
 @torch.library.custom_op("convmixer_kernels::pointwise_block_fwd", mutates_args=())
 def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
             bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-            use_batch_stats: bool, eps: float, act: int, store_p: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+            use_batch_stats: bool, eps: float, act: int, store_p: bool, backend: str,
+            sync_group: str = "") -> Tuple[Tensor, Tensor, Tensor]:
     """-> (z, p, stats): p is the [M, Cout] pre-activation (empty unless ``store_p``), stats the finalized
     [6, Cout] of ``batchnorm.py``. Reads, never writes, the running buffers."""
     kernels = backends.kernels(OP, backend)
@@ -73,6 +75,8 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
         if use_batch_stats:
             p, partials = kernels.linear(x, weight, bias, act, True)
             stats = kernels.finalize(partials, bn_weight, bn_bias, eps)
+            if sync_group:  # SyncBatchNorm: the joint batch's statistics, every rank's combined in rank order
+                stats = kernels.finalize(batchnorm.gather_partials(stats, sync_group), bn_weight, bn_bias, eps)
             z = kernels.apply(p, x, stats, act)
         else:
             stats = batchnorm.finalized_from_running(running_mean, running_var, bn_weight, bn_bias, eps)
@@ -85,7 +89,8 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, act, store_p, backend):
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, act, store_p, backend,
+      sync_group=""):
     N, _, H, W = x.shape
     cout = weight.shape[0]
     z = x.new_empty((N, cout, H, W)).contiguous(memory_format=output_format(x))
@@ -96,7 +101,7 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_
 @torch.library.custom_op("convmixer_kernels::pointwise_block_bwd", mutates_args=())
 def _bwd_op(dz: Tensor, x: Tensor, p: Tensor, weight: Tensor, bn_weight: Optional[Tensor], stats: Tensor,
             use_batch_stats: bool, act: int, need_dx: bool, need_dw: bool, need_db: bool, need_dbn: bool,
-            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            backend: str, sync_group: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dW, db, dgamma, dbeta), dgamma and dbeta float32; gradients not asked for are empty."""
     kernels = backends.kernels(OP, backend)
     N, cin, H, W = x.shape
@@ -114,13 +119,16 @@ def _bwd_op(dz: Tensor, x: Tensor, p: Tensor, weight: Tensor, bn_weight: Optiona
         dbeta = sums[0].clone() if need_dbn else torch.zeros(cout, **f32)
         if not (need_dx or need_dw or need_db):
             return x.new_empty(0), x.new_empty(0), x.new_empty(0), dgamma, dbeta
-        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, M, use_batch_stats)
+        if sync_group and use_batch_stats:  # the joint batch's sums; dgamma, dbeta stay this rank's (DDP sums them)
+            sums = batchnorm.sum_across(sums, sync_group)
+        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, use_batch_stats)
         dx, dw, db = kernels.input_grad(dz, p, x, weight, coef, act, use_batch_stats, need_dx, need_dw, need_db)
     return dx, dw, db, dgamma, dbeta
 
 
 @_bwd_op.register_fake
-def _(dz, x, p, weight, bn_weight, stats, use_batch_stats, act, need_dx, need_dw, need_db, need_dbn, backend):
+def _(dz, x, p, weight, bn_weight, stats, use_batch_stats, act, need_dx, need_dw, need_db, need_dbn, backend,
+      sync_group=""):
     N, cin, H, W = x.shape
     cout = weight.shape[0]
     dx = x.new_empty((N, cin, H, W)).contiguous(memory_format=output_format(x)) if need_dx else x.new_empty(0)
@@ -138,17 +146,18 @@ def _tracing(t: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, _, _, use_batch_stats, _, act, store_p, backend = inputs
+    x, weight, bias, bn_weight, bn_bias, _, _, use_batch_stats, _, act, store_p, backend = inputs[:12]
+    sync_group = inputs[12] if len(inputs) > 12 else ""
     _, p, stats = output
     ctx.mark_non_differentiable(p, stats)
     ctx.save_for_backward(x, weight, p, bn_weight, stats)
-    ctx.config = (use_batch_stats, act, store_p, backend)
+    ctx.config = (use_batch_stats, act, store_p, backend, sync_group)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, bn_weight, bn_bias))
 
 
 def _backward(ctx, dz, _dp, _dstats):
     x, weight, p, bn_weight, stats = ctx.saved_tensors
-    use_batch_stats, act, store_p, backend = ctx.config
+    use_batch_stats, act, store_p, backend, sync_group = ctx.config
     if not store_p:
         raise RuntimeError("pointwise_block: the forward ran without keeping the pre-activation (no input "
                            "required grad then), so it cannot be differentiated")
@@ -160,10 +169,10 @@ def _backward(ctx, dz, _dp, _dstats):
     need_db = need[2] and bias_dtype is not None
     dx, dw, db, dgamma, dbeta = torch.ops.convmixer_kernels.pointwise_block_bwd(
         dz, x, p, weight, bn_weight, stats, use_batch_stats, act, need[0], need[1], need_db, need[3] or need[4],
-        backend)
+        backend, sync_group)
     return (dx if need[0] else None, dw if need[1] else None, db.to(bias_dtype) if need_db else None,
             dgamma.to(gamma_dtype) if need[3] else None, dbeta.to(beta_dtype) if need[4] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -187,17 +196,18 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: st
 
 
 def pointwise_block_fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats: bool,
-                          momentum: float, eps: float, *, activation: str, backend: str) -> Tensor:
+                          momentum: float, eps: float, *, activation: str, backend: str,
+                          sync_group: Optional[str] = None) -> Tensor:
     """The reference's signature and semantics on a fused ``backend`` (running buffers updated in place)."""
     _check_inputs(x, weight, bias, backend)
     store_p = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                               for t in (x, weight, bias, bn_weight, bn_bias))
     z, _, stats = torch.ops.convmixer_kernels.pointwise_block_fwd(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(use_batch_stats), float(eps),
-        ACT_CODE[activation], store_p, backend)
+        ACT_CODE[activation], store_p, backend, sync_group or "")
     if x.numel() > 0:
         batchnorm.update_running_stats(BatchNormCall(bn_weight, bn_bias, running_mean, running_var,
-                                                     use_batch_stats, momentum, eps), stats)
+                                                     use_batch_stats, momentum, eps), stats)  # joint-batch stats
     return z
 
 

@@ -122,21 +122,40 @@ def _gemm_kernel(
     out_ty = c_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rj, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-    if STATS or APPLY:
-        acc = acc.to(out_ty).to(tl.float32)  # exactly the p a later pass reads back
-    if STATS:
-        count, mean, m2 = tile_stats(act_fwd(acc, ACT), mask, 0)
-        pofs = pid_i.to(tl.int64) * J + rj
-        tl.store(part_ptr + pofs, count, mask=mask_j)
-        tl.store(part_ptr + part_plane + pofs, mean, mask=mask_j)
-        tl.store(part_ptr + 2 * part_plane + pofs, m2, mask=mask_j)
-    if APPLY:
-        s = tl.load(scale_ptr + rj, mask=mask_j, other=0.0)
-        t = tl.load(shift_ptr + rj, mask=mask_j, other=0.0)
-        acc = act_fwd(acc, ACT) * s[None, :] + t[None, :]
     c_rows = _offsets(ri, c_d1, c_d2, c_s0, c_s1, c_s2, C_DIMS)
     c_off = split.to(tl.int64) * stride_csplit + c_rows[:, None] + rj.to(tl.int64)[None, :] * stride_cj
-    tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
+    if STATS:
+        # one pass over the fp32 accumulator: p is stored first (its registers are then free), and the
+        # statistics see exactly the p a later pass reads back (rounded to C's dtype)
+        p = acc.to(out_ty)
+        tl.store(c_ptr + c_off, p, mask=mask)
+        _tile_stats_epilogue(act_fwd(p.to(tl.float32), ACT), mask_i, I - pid_i * BLOCK_I, rj, mask_j,
+                             part_ptr + pid_i.to(tl.int64) * J, part_plane, BLOCK_I)
+    elif APPLY:
+        s = tl.load(scale_ptr + rj, mask=mask_j, other=0.0)
+        t = tl.load(shift_ptr + rj, mask=mask_j, other=0.0)
+        z = act_fwd(acc.to(out_ty).to(tl.float32), ACT) * s[None, :] + t[None, :]
+        tl.store(c_ptr + c_off, z.to(out_ty), mask=mask)
+    else:
+        tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _tile_stats_epilogue(g, mask_i, rows_left, rj, mask_j, part_ptr, part_plane, BLOCK_I: tl.constexpr):
+    """(count, mean, M2) per column of the [BLOCK_I, BLOCK_J] fp32 block ``g`` (rows past ``rows_left``
+    masked off) into the three planes of the [3, T, J] partials at ``part_ptr`` (this tile's row).
+
+    The same two passes as ``batchnorm.tile_stats`` (mean, then squared deviations) with the count
+    known without a reduction and only the row mask applied (masked columns are not stored).
+    """
+    n = tl.minimum(rows_left, BLOCK_I).to(tl.float32)
+    row_ok = mask_i[:, None]
+    mean = tl.sum(tl.where(row_ok, g, 0.0), axis=0) / n
+    d = tl.where(row_ok, g - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    tl.store(part_ptr + rj, tl.zeros_like(mean) + n, mask=mask_j)
+    tl.store(part_ptr + part_plane + rj, mean, mask=mask_j)
+    tl.store(part_ptr + 2 * part_plane + rj, m2, mask=mask_j)
 
 @triton.jit
 def _apply_kernel(p_ptr, z_ptr, scale_ptr, shift_ptr, M, C,
