@@ -95,6 +95,8 @@ def environment_reason(backend: str, device: torch.device, *, auto: bool = False
     device = torch.device(device)
     if backend == "torch":
         return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"torch.cuda.is_available() is False (torch {torch.__version__}): no CUDA device or a CPU build"
     if backend == "triton":
         err = _triton_import_error()
         if err:

@@ -180,8 +180,11 @@ class FusedDepthwiseBlock(nn.Module, _FusedBase):
         if isinstance(module, FusedDepthwiseBlock):
             module.backend = validate_backend_name(backend)
             return module
+        from .convert import residual_wrapper_problem  # convert imports this module
+
         fn = getattr(module, "fn", None)
-        problem = "module has no child 'fn'" if fn is None else depthwise_problem(fn)
+        problem = "module has no child 'fn'" if fn is None else (residual_wrapper_problem(module)
+                                                                 or depthwise_problem(fn))
         if problem is not None:
             raise ValueError(f"cannot fuse {type(module).__name__}: {problem}")
         new = cls.__new__(cls)
@@ -275,8 +278,11 @@ class FusedConvMixerLayer(nn.Sequential, _FusedBase):
                    or len(module) != 4 else pointwise_problem(*list(module)[1:]))
         if problem is not None:
             raise ValueError(f"cannot fuse {type(module).__name__}: {problem}")
+        from .convert import residual_wrapper_problem  # convert imports this module
+
         first = module[0]
-        if getattr(first, "fn", None) is not None and depthwise_problem(first.fn) is None:
+        if (getattr(first, "fn", None) is not None and depthwise_problem(first.fn) is None
+                and residual_wrapper_problem(first) is None):  # a layer scale or drop path stays as it is
             first = FusedDepthwiseBlock.from_module(first, backend)
         new = cls.__new__(cls)
         nn.Sequential.__init__(new, first, *list(module)[1:])

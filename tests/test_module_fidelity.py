@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 import torch.nn.utils.prune
+from torch import nn
 
 from convmixer_kernels import FusedDepthwiseBlock, FusedPointwiseBlock
 from harness import DEVICE, backends_under_test, randomize_
@@ -78,18 +79,7 @@ def test_pruned_conv_trains_for_two_steps(op, backend):
     assert conv.weight_orig.grad is not None
 
 
-def _known_checkpoint_gap(case):
-    op, backend = case
-    if backend == "torch":
-        return case
-    # Non-reentrant checkpointing stops the recompute as soon as the saved tensors are regenerated; the
-    # fused op saves them before the running-buffer update (which follows the op), so the recompute skips
-    # the second update that the reference makes. Not fixed yet (issue 13, item 4).
-    return pytest.param(op, backend, marks=pytest.mark.xfail(strict=True, reason="recompute skips the second "
-                                                                                  "running-statistics update"))
-
-
-@pytest.mark.parametrize("op, backend", [_known_checkpoint_gap(c) for c in BLOCKS])
+@pytest.mark.parametrize("op, backend", BLOCKS)
 def test_activation_checkpointing_counts_like_the_reference(op, backend):
     """checkpoint(use_reentrant=False) runs the forward twice: running statistics and
     num_batches_tracked change exactly as the reference's do."""
@@ -117,3 +107,33 @@ def test_transposed_input_gives_the_reference_memory_format(op, backend):
     fused, ref = _pair(op, backend)
     x = torch.randn(2, 4, 6, 5, device=DEVICE).transpose(2, 3)
     assert fused(x).is_contiguous() == ref(x).is_contiguous() == True  # noqa: E712
+
+
+def test_from_module_refuses_a_layer_scale_residual():
+    from convmixer_kernels import FusedConvMixerLayer
+    from harness import depthwise_reference
+
+    class LayerScale(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+            self.gamma = nn.Parameter(torch.full((1,), 0.5))
+
+        def forward(self, x):
+            return x + self.gamma * self.fn(x)
+
+    block = LayerScale(depthwise_reference(4, 3).fn)
+    with pytest.raises(ValueError, match="gamma"):
+        FusedDepthwiseBlock.from_module(block)
+    layer = nn.Sequential(block, nn.Conv2d(4, 4, 1), nn.GELU(), nn.BatchNorm2d(4))
+    fused = FusedConvMixerLayer.from_module(layer)
+    assert fused[0] is block and "0.gamma" in fused.state_dict()
+
+
+def test_cuda_device_on_a_cpu_build_has_no_fused_backend():
+    from convmixer_kernels import explain_backends
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    reasons = explain_backends(torch.device("cuda"))
+    assert reasons["torch"] is None and "is_available() is False" in reasons["triton"]

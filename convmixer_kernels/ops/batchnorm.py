@@ -272,6 +272,29 @@ def update_running_stats(call: BatchNormCall, stats: torch.Tensor) -> None:
         call.running_var.mul_(1 - m).add_((m * (m2 / (count - 1))).to(call.running_var.dtype))
 
 
+class _SavedAfterUpdate(torch.autograd.Function):
+    """Identity that saves the statistics once more, after the running-buffer update.
+
+    Non-reentrant activation checkpointing stops recomputing a region as soon as every tensor it
+    saved has been regenerated. The fused op saves its tensors before ``update_running_stats``
+    runs, so without a save after the update the recompute would skip the second update that the
+    reference (whose BatchNorm updates, then saves) makes. Nothing is copied.
+    """
+
+    @staticmethod
+    def forward(ctx, y, stats):
+        ctx.save_for_backward(stats)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+def saved_after_update(y: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    return _SavedAfterUpdate.apply(y, stats)
+
+
 def backward_coefficients(sums: Optional[torch.Tensor], stats: torch.Tensor, weight: Optional[torch.Tensor],
                           use_batch_stats: bool) -> torch.Tensor:
     """Per-channel [4, C] (k1, k2, mean_dy, mean) with BatchNorm's backward folded in:

@@ -203,6 +203,8 @@ def depthwise_block_fused(x, weight, bias, bn_weight, bn_bias, running_mean, run
     if x.numel() > 0:
         batchnorm.update_running_stats(BatchNormCall(bn_weight, bn_bias, running_mean, running_var,
                                                      use_batch_stats, momentum, eps), stats)  # joint-batch stats
+        if store_a and use_batch_stats and running_mean is not None:
+            y = batchnorm.saved_after_update(y, stats)  # activation checkpointing recomputes the update too
     return y
 
 
