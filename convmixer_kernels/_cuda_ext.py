@@ -22,7 +22,9 @@ def build_mismatch(info: Mapping[str, object], torch_version: str, cuda_version:
     if info.get("emulated"):
         return "it is the CPU emulator build used by the tests, not a CUDA build"
     built_torch, built_cuda = str(info.get("torch")), str(info.get("cuda"))
-    if built_torch != torch_version:
+    # the same release is the same ABI whatever its local tag: PyPI's "2.11.0" (a CUDA 13.0 build)
+    # and an index's "2.11.0+cu130"; the CUDA versions are compared next
+    if built_torch.split("+")[0] != torch_version.split("+")[0]:
         return f"it was built against torch {built_torch} but torch {torch_version} is running"
     if built_cuda != str(cuda_version):
         return f"it was built against CUDA {built_cuda} but torch uses CUDA {cuda_version}"

@@ -24,8 +24,8 @@ TIER2_BUDGET_S=${TIER2_BUDGET_S:-540}
 PACK_S=25
 OUT=${OUT:-runs/gpu_session-$(date -u +%Y%m%dT%H%M%S)}
 WHEELS=${WHEELS:-.whl}
-TORCH_GPU=${TORCH_GPU:-torch==2.11.0+cu130}
-TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu130}
+# PyPI's torch 2.11.0 for Linux is the CUDA 13.0 build, the same ABI as the GPU image's 2.11.0+cu130
+TORCH_GPU=${TORCH_GPU:-torch==2.11.0}
 PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12*/bin/python3.12")}
 
 TIER1_STAGES=(install info correctness timings inspect)
@@ -47,7 +47,7 @@ stage_cmd() {  # the command line of a stage (what --dry-run prints)
 prebuild() {  # HERE: a cp312 wheel of the package with the CUDA extension, against the GPU image's torch
   local venv=${PREBUILD_VENV:-/tmp/cmk-prebuild-py312}
   # shellcheck disable=SC2086
-  $PY312 -m venv "$venv" && "$venv/bin/pip" install -q "$TORCH_GPU" --index-url "$TORCH_INDEX" &&
+  $PY312 -m venv "$venv" && "$venv/bin/pip" install -q "$TORCH_GPU" &&
   "$venv/bin/pip" install -q setuptools wheel ninja numpy &&
   CONVMIXER_KERNELS_FORCE_BUILD=1 CONVMIXER_KERNELS_CUDA_ARCHS=90 MAX_JOBS=2 \
     "$venv/bin/pip" wheel --no-build-isolation --no-deps -w "$WHEELS" . &&
@@ -58,7 +58,7 @@ dry=0
 [ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
 tier=${1:-}
 case $tier in
-  prebuild) if [ $dry -eq 1 ]; then echo "prebuild (here, no GPU): $TORCH_GPU for cp312 from $TORCH_INDEX; pip wheel -> $WHEELS"; exit 0; fi
+  prebuild) if [ $dry -eq 1 ]; then echo "prebuild (here, no GPU): $TORCH_GPU for cp312 from PyPI; pip wheel -> $WHEELS"; exit 0; fi
             prebuild; exit $? ;;
   tier1) stages=("${TIER1_STAGES[@]}"); budget=$TIER1_BUDGET_S ;;
   tier2) stages=("${TIER2_STAGES[@]}"); budget=$TIER2_BUDGET_S ;;

@@ -186,6 +186,13 @@ def test_cuda_version_mismatch_is_refused(fresh_loader, monkeypatch):
     assert f"built against CUDA 11.7 but torch uses CUDA {torch.version.cuda}" in fresh_loader.load_error()
 
 
+def test_local_version_tag_is_not_a_mismatch():
+    info = dict(torch="2.11.0", cuda="13.0", emulated=False)
+    assert _cuda_ext.build_mismatch(info, "2.11.0+cu130", "13.0") is None
+    assert "CUDA 13.0" in _cuda_ext.build_mismatch(info, "2.11.0+cu128", "12.8")
+    assert "torch 2.11.0" in _cuda_ext.build_mismatch(info, "2.12.0+cu130", "13.0")
+
+
 def test_matching_build_loads(fresh_loader, monkeypatch):
     module = _fake_extension(monkeypatch, torch=torch.__version__, cuda=str(torch.version.cuda), archs="80;90",
                              ptx="90", emulated=False)
