@@ -4,11 +4,14 @@
   test command: ``pytest`` alone collects ``tests/`` only).
 * ``CONVMIXER_KERNELS_STRICT=1``: a fused provider that would fall back to the
   reference fails instead of timing the wrong thing.
+* The harness is ``bench/bench_harness/`` (this folder is put on ``sys.path``).
 * Providers, side by side in one process: ``workloads.bench_providers()`` (eager NCHW,
   eager channels_last, torch.compile default and max-autotune, every fused backend
   "auto" may use on CUDA, in NCHW and channels_last).
 * Every provider is checked against the float64 reference (precision rule) before it
-  is timed with CUDA events (median); the numbers are in each benchmark's
+  is timed with CUDA events (median); the conv alone's fused provider is the fused eval
+  block (conv + affine + residual, one kernel), checked against what it computes and
+  labelled in its record's ``computes``; the numbers are in each benchmark's
   ``extra_info`` and in a results file ``bench/results/bench-<gpu>-<date>-<commit>.json``
   (``--bench-out DIR`` to write elsewhere). ``python bench/summarize.py`` turns the
   files into a table, a plot and the README's performance section.
@@ -18,12 +21,17 @@ only a sanity check; the GPU medians are the numbers.
 """
 import gc
 import os
+import sys
 
 os.environ["CONVMIXER_KERNELS_STRICT"] = "1"
 os.environ.pop("CONVMIXER_KERNELS_BACKEND", None)  # the providers name their backends explicitly
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if BENCH_DIR not in sys.path:  # bench_harness, whatever pytest's import mode
+    sys.path.insert(0, BENCH_DIR)
 
 NO_GPU = ("bench/ needs a CUDA GPU (torch.cuda.is_available() is False): it times kernels with CUDA events; "
           "run `pytest bench/` on a GPU machine (scripts/gpu_session.sh bench)")
@@ -49,7 +57,7 @@ def pytest_generate_tests(metafunc):
     """Tests taking ``case`` get (workload, provider) pairs from their module's ``workloads(batch, configs)``."""
     if "case" not in metafunc.fixturenames:
         return
-    from convmixer_kernels.workloads import bench_providers
+    from bench_harness.workloads import bench_providers
 
     opt = metafunc.config.getoption
     configs = _csv(opt("--bench-configs")) or None
@@ -80,7 +88,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def bench_results(request):
     """Every benchmark's record, rewritten to bench/results/bench-<gpu>-<date>-<commit>.json as it comes."""
-    from convmixer_kernels.profiling import ResultsFile
+    from bench_harness.results import ResultsFile
 
     results = ResultsFile(request.config.getoption("--bench-out"), "bench")
     yield results
@@ -96,7 +104,7 @@ def reference_cache():
 @pytest.fixture
 def bench_case(request, bench_results, reference_cache, benchmark):
     """Run one (workload, provider) case: check, time on the GPU, record; skips if not applicable."""
-    from convmixer_kernels.workloads import NotApplicable, run_case
+    from bench_harness.workloads import NotApplicable, run_case
 
     opt = request.config.getoption
 
@@ -114,7 +122,8 @@ def bench_case(request, bench_results, reference_cache, benchmark):
         benchmark.pedantic(result.step, rounds=3, iterations=1, warmup_rounds=1)
         bench_results.add(result.record)
         r = result.record
-        print(f"\n{provider:>24} {workload.describe()}: {r['median_ms']:.3f} ms, {r['images_per_s']:.0f} img/s, "
+        computes = f" [{r['computes']}]" if r.get("computes") else ""
+        print(f"\n{provider:>24}{computes} {workload.describe()}: {r['median_ms']:.3f} ms, {r['images_per_s']:.0f} img/s, "
               f"{r['gbps']:.0f} GB/s, {r['tflops']:.1f} TFLOP/s, {r['roofline_pct']:.0f}% of roofline, "
               f"peak +{r['peak_mem_mb']:.0f} MiB")
         return r

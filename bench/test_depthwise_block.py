@@ -1,5 +1,5 @@
 """The depthwise block y = x + BN(act(dwconv(x) + b)) in training mode, forward and forward+backward."""
-from convmixer_kernels.workloads import paper_workloads
+from bench_harness.workloads import paper_workloads
 
 
 def workloads(batch, configs):

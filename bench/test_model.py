@@ -1,6 +1,6 @@
 """The whole ConvMixer: a training step (forward, cross-entropy, backward, AdamW step) and inference,
 at the paper's configurations. Checked at a smaller batch (--bench-check-batch) against float64."""
-from convmixer_kernels.workloads import paper_workloads
+from bench_harness.workloads import paper_workloads
 
 
 def workloads(batch, configs):

@@ -1,5 +1,5 @@
 """The pointwise block z = BN(act(conv1x1(r) + b)) in training mode, forward and forward+backward."""
-from convmixer_kernels.workloads import paper_workloads
+from bench_harness.workloads import paper_workloads
 
 
 def workloads(batch, configs):

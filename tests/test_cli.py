@@ -1,5 +1,5 @@
-"""The command line (info, check, train, profile, bench), the training data, checkpoints, and the
-benchmark plumbing that runs without a GPU (the precision check, the cost model, summarize.py)."""
+"""The command line (info, check, train, profile, bench), the training data, checkpoints, and
+summarize.py. The benchmark harness's own CPU tests are in test_bench_harness.py."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "data", "bench_results_FIXTURE_fabricated.json")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 TINY = ["--dim", "16", "--depth", "1", "--kernel-size", "3", "--no-progress"]
-
 
 def _env():
     env = dict(os.environ)
@@ -240,77 +239,6 @@ def test_bench_suite_skips_without_cuda():
     assert "needs a CUDA GPU" in out.stdout and " passed" not in out.stdout
 
 
-def test_profile_table_and_plot(tmp_path):
-    """Speedup over cuDNN is eager channels_last's time over the provider's, per point."""
-    from convmixer_kernels.commands import profile
-
-    def rec(provider, k, ms):
-        return {"workload": "dwconv", "mode": "fwd", "dtype": "bf16", "batch": 64, "dim": 1536, "size": 32,
-                "kernel_size": k, "provider": provider, "median_ms": ms, "gbps": 1.0, "tflops": 1.0,
-                "roofline_pct": 1.0}
-
-    records = [rec("eager-cl", 9, 6.0), rec("fused-triton", 9, 1.5), rec("eager-cl", 31, 30.0),
-               rec("fused-triton", 31, 2.0)]
-    records.append(dict(rec("fused-cuda", 31, 0), status="n/a: not built"))
-    del records[-1]["median_ms"]
-    table = profile.format_table(records)
-    lines = table.splitlines()
-    assert lines[3].endswith("4.00x") and lines[5].endswith("15.00x") and lines[6].endswith("n/a: not built")
-    msg = profile.plot(records, str(tmp_path / "p.png"))
-    assert os.path.exists(tmp_path / "p.png") or "matplotlib is not installed" in msg
-    assert profile._ints("3-31") == list(range(3, 32, 2)) and profile._ints("3,9") == [3, 9]
-
-
-# ------------------------------------------------------------------ the benchmark's own checks (CPU)
-
-def test_bench_precision_check_catches_a_wrong_provider():
-    """The check that gates every benchmark passes the reference's other forms and fails a wrong one."""
-    from convmixer_kernels.workloads import Workload, check, prepare, reference_snapshots
-
-    w = Workload("dw_block", "fwd+bwd", dim=8, batch=2, size=6, kernel_size=3, dtype="bf16")
-    reference = w.build_reference(seed=1)
-    inputs = w.make_inputs("cpu", seed=2)
-    refs = reference_snapshots(w, reference, inputs, "cpu")
-    for provider in ("eager-cl", "fused-torch", "fused-torch-cl"):
-        ok, worst, table = check(prepare(w, provider, reference, "cpu"), inputs, *refs)
-        assert ok, f"{provider}:\n{table}"
-    wrong = prepare(w, "fused-torch", reference, "cpu")
-    module = wrong.call
-    wrong.call = lambda x: module(x) * 1.02
-    ok, worst, table = check(wrong, inputs, *refs)
-    assert not ok and worst > 1 and "output" in table
-
-
-def test_bench_fused_provider_without_kernels_is_not_applicable():
-    from convmixer_kernels import backends
-    from convmixer_kernels.workloads import NotApplicable, Workload, prepare
-
-    w = Workload("dwconv", "fwd", dim=8, batch=2, size=6, kernel_size=3)
-    if "triton" not in backends.implemented_backends("depthwise_conv"):
-        with pytest.raises(NotApplicable, match="depthwise_conv"):
-            prepare(w, "fused-triton", w.build_reference(), "cpu")
-    with pytest.raises(ValueError, match="unknown provider"):
-        prepare(w, "fast", w.build_reference(), "cpu")
-
-
-def test_cost_model_uses_the_fused_budgets():
-    from convmixer_kernels.profiling import H100, block_cost
-
-    n, c, h, k = 64, 1536, 32, 9
-    unit = n * c * h * h * 2
-    fwd = block_cost("dw_block", n, c, h, h, k, 2, training=True, backward=False)
-    both = block_cost("dw_block", n, c, h, h, k, 2, training=True, backward=True)
-    assert fwd.bytes == 5 * unit and both.bytes == 11 * unit  # design.md section 4: 5 forward, 6 backward
-    assert fwd.flops == 2 * n * h * h * c * k * k
-    pw = block_cost("pw_block", n, c, h, h, 1, 2, training=True, backward=False)
-    assert pw.flops == 2 * n * h * h * c * c
-    # pointwise forward at C=1536: the GEMM bounds it (309 GFLOP at 790 TFLOP/s = 391 us > 4 x 201 MB at 3 TB/s)
-    assert pw.floor_s(H100) == pytest.approx(2 * n * h * h * c * c / 790e12)
-    assert fwd.floor_s(H100) == pytest.approx(max(5 * unit / 3.0e12, fwd.flops / 67e12))
-    m = fwd.metrics(fwd.floor_s(H100) * 2)
-    assert m["roofline_pct"] == pytest.approx(50.0)
-
-
 # ------------------------------------------------------------------ summarize.py on a labelled fixture
 
 def test_summarize_fixture_table(tmp_path):
@@ -350,86 +278,3 @@ def test_summarize_rewrites_only_between_markers(tmp_path):
     with pytest.raises(SystemExit):
         summarize.main([str(copy), "--readme", str(bare)])
     assert bare.read_text() == "no markers\n"
-
-
-@pytest.mark.parametrize("op,mode", [("dw_block", "fwd+bwd"), ("pw_block", "fwd"), ("model", "train"),
-                                     ("model", "infer")])
-def test_bench_case_record_on_cpu(op, mode, monkeypatch):
-    """run_case end to end with the GPU timer replaced: check, rotated steps, and the result record."""
-    from convmixer_kernels import workloads
-    from convmixer_kernels.profiling import Timing
-
-    calls = []
-
-    def fake_time(step, rotated=1, **kw):
-        for i in range(3):
-            step(i)
-            calls.append(i % rotated)
-        return Timing(2.0, 1.9, 2.1, 3, rotated)
-
-    monkeypatch.setattr(workloads, "time_cuda", fake_time)
-    monkeypatch.setattr(workloads, "peak_memory_mb", lambda step: step() or 12.5)
-    monkeypatch.setattr(workloads, "rotation_count", lambda nbytes, device=None: 2)
-    w = workloads.Workload(op, mode, dim=8, batch=4, size=8, kernel_size=3, depth=1, patch_size=2,
-                           config="tiny")
-    res = workloads.run_case(w, "fused-torch-cl", "cpu", check_batch=2 if op == "model" else None)
-    r = res.record
-    assert calls == [0, 1, 0]
-    assert r["provider"] == "fused-torch-cl" and r["layout"] == "channels_last" and r["median_ms"] == 2.0
-    assert r["images_per_s"] == pytest.approx(4 / 2e-3) and r["peak_mem_mb"] == 12.5
-    assert r["bytes"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / 2e-3 / 1e9)
-    assert r["roofline_pct"] == pytest.approx(100 * r["floor_ms"] / 2.0)
-    assert 0 < r["check"]["worst_err_over_bound"] <= 1
-    assert set(r["backends"].values()) == {"torch"}
-
-
-def test_profile_sweep_loop_with_a_fake_gpu(tmp_path, monkeypatch, capsys):
-    """The sweep's bookkeeping with the GPU parts replaced: every point x provider is run once, the
-    cuDNN baseline first; n/a and failing providers are reported, and a failure sets the exit status."""
-    from convmixer_kernels import profiling, workloads
-    from convmixer_kernels.workloads import CaseResult, NotApplicable
-
-    seen = []
-
-    def fake_run_case(w, provider, device, **kw):
-        seen.append((w.op, w.kernel_size, w.dtype, provider))
-        if provider.startswith("fused"):
-            raise NotApplicable("no kernels in this fake")
-        if provider == "compile" and w.kernel_size == 5:
-            raise AssertionError("compile fails the precision rule (fake)")
-        ms = {"eager-cl": 4.0, "eager": 2.0}.get(provider, 3.0) * w.kernel_size
-        rec = {"workload": w.op, "mode": w.mode, "dtype": w.dtype, "batch": w.batch, "dim": w.dim, "size": w.size,
-               "kernel_size": w.kernel_size, "provider": provider, "median_ms": ms, "gbps": 1.0, "tflops": 1.0,
-               "roofline_pct": 1.0}
-        return CaseResult(rec, lambda: None)
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FAKE GPU (test)")
-    monkeypatch.setattr(workloads, "run_case", fake_run_case)
-    monkeypatch.setattr(profiling, "run_metadata", lambda: {"gpu": "FAKE GPU (test)"})
-    rc = main(["profile", "--kernel-sizes", "3,5", "--ops", "dwconv", "--layouts", "nchw",
-               "--providers", "eager,compile,fused", "--out", str(tmp_path)])
-    assert rc == 1  # the failing compile case
-    providers = ["eager-cl", "eager", "compile"] + [p for p in workloads.fused_providers("cuda", ("",))]
-    assert seen == [("dwconv", k, "bf16", p) for k in (3, 5) for p in providers]
-    out = capsys.readouterr().out
-    assert "FAILED: compile fails the precision rule" in out and "n/a: no kernels in this fake" in out
-    assert re.search(r"dwconv .* 3  eager\s+6\.000 .* 2\.00x", out)
-    data = json.loads((tmp_path / "profile.json").read_text())
-    assert data["meta"]["gpu"] == "FAKE GPU (test)" and len(data["results"]) == len(seen)
-    assert (tmp_path / "profile.txt").exists()
-
-
-def test_results_file_is_complete_after_every_record(tmp_path):
-    from convmixer_kernels.profiling import ResultsFile, run_metadata
-
-    meta = run_metadata()
-    assert {"gpu", "torch", "triton", "cuda", "commit", "date"} <= set(meta)
-    results = ResultsFile(str(tmp_path / "out"), "bench", dict(meta, gpu="Test GPU 80GB"))
-    results.add({"provider": "eager", "median_ms": 1.0})
-    first = json.loads(open(results.path).read())
-    assert os.path.basename(results.path).startswith("bench-test-gpu-80gb-") and len(first["results"]) == 1
-    results.add({"provider": "eager-cl", "median_ms": 2.0})
-    data = json.loads(open(results.path).read())
-    assert data["schema"] == "convmixer-kernels-bench/1" and data["meta"]["gpu"] == "Test GPU 80GB"
-    assert [r["provider"] for r in data["results"]] == ["eager", "eager-cl"]

@@ -1,4 +1,4 @@
-"""Workloads and providers for ``bench/`` and ``convmixer-kernels profile``.
+"""Workloads and providers for ``pytest bench/`` and ``convmixer-kernels profile``.
 
 A *workload* is one thing to time (the depthwise conv alone, the depthwise block, the
 pointwise block, or the whole ConvMixer) in one mode ("fwd", "fwd+bwd", "train",
@@ -12,9 +12,16 @@ pointwise block, or the whole ConvMixer) in one mode ("fwd", "fwd+bwd", "train",
 
 ``run_case`` checks a provider against the float64 reference with the precision
 rule of ``convmixer_kernels.verify`` *before* timing it, then times it on the GPU.
-The fused conv-alone workload uses an op named ``depthwise_conv`` (signature
-``fn(x, weight, bias, *, padding)``) if a backend registers one; otherwise the fused
-providers are reported as not applicable for it.
+
+The depthwise conv alone ("dwconv") has no fused conv-only kernel. Its fused
+provider is the closest one there is: the fused depthwise block in eval mode without
+grad, which by the op contract (``ops/depthwise_block.py``) is ONE kernel computing
+conv + bias + activation + BatchNorm affine (running statistics) + residual
+(``EvalBlockAsConv``). It does strictly more than the conv, moves the same bytes (x
+read, y written: design.md section 4), is checked against the unfused composition of
+what it computes (not against the conv), and every record of it says so in
+``computes``. It has forward only: the conv's backward is timed inside the
+"dw_block" workload's fwd+bwd.
 """
 from __future__ import annotations
 
@@ -27,18 +34,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
-from .model import ConvMixer
-from .modules import FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock, Residual
-from .ops.activation import make_activation
-from .profiling import Cost, block_cost, convmixer_cost, gpu_range, peak_memory_mb, rotation_count, time_cuda
-from .verify import compare, format_rows
+from convmixer_kernels import backends
+from convmixer_kernels.convert import fuse_convmixer
+from convmixer_kernels.model import ConvMixer
+from convmixer_kernels.modules import FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock
+from convmixer_kernels.ops.batchnorm import BatchNormCall
+from convmixer_kernels.ops.depthwise_block import depthwise_block, depthwise_block_reference
+from convmixer_kernels.verify import compare, format_rows
+
+from .roofline import Cost, block_cost, convmixer_cost
+from .timing import gpu_range, peak_memory_mb, rotation_count, time_cuda
 
 PEERS = ("eager", "eager-cl", "compile", "compile-max-autotune")
 REFERENCE = "eager"  # "reference_d" of the precision rule
 CUDNN = "eager-cl"  # eager channels_last calls cuDNN for every conv (design.md section 2)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CONV_ALONE_OP = "depthwise_conv"
+CONV_ALONE_FUSED = "fused eval block: conv + affine + residual, one kernel"  # what "dwconv"'s fused provider times
 
 # The paper's configurations (design.md section 1): name -> ConvMixer arguments and image size.
 PAPER_CONFIGS = {
@@ -160,20 +171,15 @@ class Workload:
         c, k = self.dim, self.kernel_size
         if self.op == "dwconv":
             m = nn.Conv2d(c, c, k, groups=c, padding="same")
-        elif self.op == "dw_block":
-            m = Residual(nn.Sequential(nn.Conv2d(c, c, k, groups=c, padding="same"), make_activation(self.activation),
-                                       nn.BatchNorm2d(c)))
+        elif self.op == "dw_block":  # the blocks as the package defines their references
+            m = FusedDepthwiseBlock(c, k, self.activation, backend="torch").to_reference()
         elif self.op == "pw_block":
-            m = nn.Sequential(nn.Conv2d(c, c, 1), make_activation(self.activation), nn.BatchNorm2d(c))
+            m = FusedPointwiseBlock(c, activation=self.activation, backend="torch").to_reference()
         else:
             m = ConvMixer(c, self.depth, k, self.patch_size, n_classes=1000, activation=self.activation)
         gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():  # BatchNorm away from its defaults, so eval mode checks something
-            for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
-                bn.weight.copy_(1 + 0.2 * torch.randn(bn.num_features, generator=gen))
-                bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=gen))
-                bn.running_mean.copy_(0.1 * torch.randn(bn.num_features, generator=gen))
-                bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=gen))
+        for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+            randomize_batchnorm_(bn, gen)
         return m.train(self.training)
 
     def make_inputs(self, device, batch: Optional[int] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -197,6 +203,16 @@ class Workload:
         return sum(t.numel() * t.element_size() for t in inputs.values())
 
 
+def randomize_batchnorm_(bn: nn.BatchNorm2d, gen: torch.Generator) -> nn.BatchNorm2d:
+    """BatchNorm parameters and buffers away from their defaults (1, 0, 0, 1), so eval mode checks something."""
+    with torch.no_grad():
+        bn.weight.copy_(1 + 0.2 * torch.randn(bn.num_features, generator=gen))
+        bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=gen))
+        bn.running_mean.copy_(0.1 * torch.randn(bn.num_features, generator=gen))
+        bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=gen))
+    return bn
+
+
 def paper_workloads(op: str, modes, batch: int = 64, dtype: str = "bf16", configs=None) -> List[Workload]:
     """``op`` at every paper configuration (ops run at the layer's grid: image // patch)."""
     out = []
@@ -217,24 +233,50 @@ def paper_workloads(op: str, modes, batch: int = 64, dtype: str = "bf16", config
 # ------------------------------------------------------------------ preparing a provider
 
 
-class RegisteredDepthwiseConv(nn.Module):
-    """The depthwise conv alone, through a backend's registered ``depthwise_conv`` op (same parameters)."""
+class EvalBlockAsConv(nn.Module):
+    """The conv-alone workload's fused provider: the fused depthwise block in eval mode, without grad.
 
-    def __init__(self, conv: nn.Conv2d, backend: str):
+    By the op contract that is one kernel: ``y = x + scale * act(dwconv(x) + b) + shift``
+    with ``scale``/``shift`` from fixed random BatchNorm running statistics (CONV_ALONE_FUSED).
+    ``backend=None`` computes the same with the unfused reference composition, op for
+    op: the module the precision rule checks this provider against.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: str, backend: Optional[str], seed: int = 0):
         super().__init__()
-        self.conv = conv
-        self.backend = backend
+        self.conv, self.activation, self.backend = conv, activation, backend
+        bn = randomize_batchnorm_(nn.BatchNorm2d(conv.out_channels), torch.Generator().manual_seed(seed + 11))
+        self.eps = bn.eps
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(f"bn_{name}", getattr(bn, name).detach().clone().to(conv.weight.device))
+        self.last_backend: Optional[str] = None
+        self._verdicts: dict = {}
 
     def forward(self, x):
-        device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        cdtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
-        name = backends.choose_backend(CONV_ALONE_OP, self.backend, x.device, x=x, weight=self.conv.weight,
-                                       compute_dtype=cdtype, padding=self.conv.padding)
-        fn = backends.implementation(CONV_ALONE_OP, name)
-        w, b = self.conv.weight.to(cdtype), None if self.conv.bias is None else self.conv.bias.to(cdtype)
-        with torch.autocast(device_type, enabled=False):
-            return fn(x.to(cdtype), w, b, padding=self.conv.padding)
+        args = (self.bn_weight, self.bn_bias, self.bn_running_mean, self.bn_running_var)
+        if self.backend is None:
+            return depthwise_block_reference(x, self.conv.weight, self.conv.bias, *args, False, 0.0, self.eps,
+                                             activation=self.activation, padding=self.conv.padding)
+        with torch.no_grad():  # eval, no grad: the contract's one-kernel path (nothing kept for a backward)
+            y, self.last_backend = depthwise_block(x, self.conv.weight, self.conv.bias,
+                                                   BatchNormCall(*args, False, 0.0, self.eps),
+                                                   activation=self.activation, padding=self.conv.padding,
+                                                   backend=self.backend, verdicts=self._verdicts)
+        return y
+
+
+def conv_alone_provider(conv: nn.Conv2d, workload: "Workload", backend: str) -> Tuple[nn.Module, nn.Module]:
+    """(the fused eval block on ``backend``, the eager module computing the same) for the conv-alone workload."""
+    if workload.mode != "fwd":
+        raise NotApplicable("the depthwise conv alone has no fused backward (its backward is timed inside the "
+                            "dw_block workload's fwd+bwd)")
+    if backend not in backends.implemented_backends("depthwise_block"):
+        raise NotApplicable(f"backend {backend!r} implements no depthwise_block (whose eval kernel is the "
+                            "conv-alone workload's fused provider)")
+    fused = EvalBlockAsConv(conv, workload.activation, backend)
+    twin = copy.deepcopy(fused)
+    twin.backend = None
+    return fused, twin
 
 
 def _op_of(module: nn.Module) -> Optional[str]:
@@ -251,12 +293,6 @@ def fuse_for_backend(module: nn.Module, backend: str) -> Tuple[nn.Module, Dict[s
     Returns the module and {op: backend it runs on}; NotApplicable when no block would
     run on ``backend`` (timing that would only time the reference again).
     """
-    from .convert import fuse_convmixer
-
-    if isinstance(module, nn.Conv2d):
-        if backend not in backends.implemented_backends(CONV_ALONE_OP):
-            raise NotApplicable(f"backend {backend!r} registers no '{CONV_ALONE_OP}' op (the depthwise conv alone)")
-        return RegisteredDepthwiseConv(module, backend), {CONV_ALONE_OP: backend}
     fused = fuse_convmixer(module, backend=backend)
     used: Dict[str, str] = {}
     for m in fused.modules():
@@ -280,6 +316,9 @@ class Prepared:
     module: nn.Module  # the underlying module (parameter names as in the reference)
     optimizer: Optional[torch.optim.Optimizer] = None
     backends_used: Dict[str, str] = field(default_factory=dict)
+    # what the provider computes, when it is not the workload itself, and the eager module checked against it
+    computes: str = ""
+    check_reference: Optional[nn.Module] = None
 
 
 def prepare(workload: Workload, provider_name: str, reference: nn.Module, device) -> Prepared:
@@ -289,7 +328,11 @@ def prepare(workload: Workload, provider_name: str, reference: nn.Module, device
     if provider.channels_last:
         module = module.to(memory_format=torch.channels_last)
     used: Dict[str, str] = {}
-    if provider.base == "fused":
+    computes, check_reference = "", None
+    if provider.base == "fused" and workload.op == "dwconv":
+        module, check_reference = conv_alone_provider(module, workload, provider.backend)
+        used, computes = {"depthwise_block": provider.backend}, CONV_ALONE_FUSED
+    elif provider.base == "fused":
         module, used = fuse_for_backend(module, provider.backend)
     module.train(workload.training)
     call: Callable = module
@@ -301,7 +344,7 @@ def prepare(workload: Workload, provider_name: str, reference: nn.Module, device
     optimizer = None
     if workload.mode == "train":
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=torch.device(device).type == "cuda")
-    return Prepared(provider, workload, call, module, optimizer, used)
+    return Prepared(provider, workload, call, module, optimizer, used, computes, check_reference)
 
 
 # ------------------------------------------------------------------ running
@@ -396,11 +439,6 @@ def capture(p: Prepared, inputs: Dict[str, torch.Tensor], dtype: Optional[torch.
     return snap
 
 
-def _strip(name: str) -> str:
-    """Parameter names of a fused conv-alone wrapper, as in the plain conv."""
-    return name.replace(" conv.", " ")
-
-
 def reference_snapshots(workload: Workload, reference: nn.Module, inputs, device) -> Tuple[dict, dict]:
     """(reference in the workload's precision = eager NCHW, reference in float64): the precision rule's two."""
     ref_d = capture(prepare(workload, REFERENCE, reference, device), inputs)
@@ -410,7 +448,7 @@ def reference_snapshots(workload: Workload, reference: nn.Module, inputs, device
 
 def check(p: Prepared, inputs, ref_d: dict, ref64: dict) -> Tuple[bool, float, str]:
     """The precision rule (design.md section 6) on every captured quantity: (ok, worst err/bound, table)."""
-    got = {_strip(k): v for k, v in capture(p, inputs).items()}
+    got = capture(p, inputs)
     rule_dtype = p.workload.autocast or p.workload.torch_dtype
     rows = []
     for key, r64 in ref64.items():
@@ -433,14 +471,17 @@ def run_case(workload: Workload, provider_name: str, device="cuda", *, check_bat
 
     ``refs`` caches the reference snapshots between providers of one workload (a dict
     the caller keeps). ``check_batch`` checks on a smaller batch (float64 whole-model
-    references at batch 64 do not fit). Raises NotApplicable or AssertionError.
+    references at batch 64 do not fit). A provider that computes more than the workload
+    (``Prepared.computes``) is checked against its own eager twin. Raises NotApplicable
+    or AssertionError.
     """
     reference = workload.build_reference(seed)
     prepared = prepare(workload, provider_name, reference, device)
     check_inputs = workload.make_inputs(device, batch=check_batch, seed=seed + 7)
-    key = (workload, check_batch, seed)
+    key = (workload, check_batch, seed, prepared.computes)
     if refs is None or refs.get("key") != key:
-        snaps = reference_snapshots(workload, reference, check_inputs, device)
+        checked_against = prepared.check_reference if prepared.check_reference is not None else reference
+        snaps = reference_snapshots(workload, checked_against, check_inputs, device)
         if refs is not None:
             refs.clear()
             refs.update(key=key, snaps=snaps)
@@ -457,13 +498,17 @@ def run_case(workload: Workload, provider_name: str, device="cuda", *, check_bat
     timing = time_cuda(step, rotated=rotated, rep_ms=rep_ms)
     peak = peak_memory_mb(lambda: step(0))
     n_params = sum(t.numel() for t in prepared.module.parameters())
+    ran = getattr(prepared.module, "last_backend", None)  # what ran, where the provider's module says
+    if ran is not None and prepared.computes:
+        prepared.backends_used = {op: ran for op in prepared.backends_used}
     metrics = workload.cost(n_params).metrics(timing.median_ms / 1e3)
     record = {
         "workload": workload.op, "mode": workload.mode, "config": workload.config, "shape": workload.shape,
         "dim": workload.dim, "batch": workload.batch, "size": workload.size, "kernel_size": workload.kernel_size,
         "activation": workload.activation, "dtype": workload.dtype, "precision": workload.describe().split(", ")[-1],
         "provider": provider_name, "layout": "channels_last" if prepared.provider.channels_last else "nchw",
-        "backends": prepared.backends_used, **timing.as_dict(),
+        "backends": prepared.backends_used, **({"computes": prepared.computes} if prepared.computes else {}),
+        **timing.as_dict(),
         "images_per_s": workload.batch / (timing.median_ms / 1e3), **metrics, "peak_mem_mb": peak,
         "check": {"rule": "design.md section 6", "worst_err_over_bound": worst,
                   "batch": check_batch or workload.batch},
