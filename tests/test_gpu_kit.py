@@ -41,7 +41,7 @@ def test_tiers_fit_the_device_limits():
 def test_prebuild_dry_run_names_the_gpu_torch():
     out = subprocess.run(["bash", SCRIPT, "--dry-run", "prebuild"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and "torch==2.11.0+cu130" in out.stdout and "cp312" in out.stdout
+    assert out.returncode == 0 and "torch==2.11.0 " in out.stdout and "cp312" in out.stdout
 
 
 def _summarize():
