@@ -123,7 +123,8 @@ def bench_case(request, bench_results, reference_cache, benchmark):
         bench_results.add(result.record)
         r = result.record
         computes = f" [{r['computes']}]" if r.get("computes") else ""
-        print(f"\n{provider:>24}{computes} {workload.describe()}: {r['median_ms']:.3f} ms, {r['images_per_s']:.0f} img/s, "
+        print(f"\n{provider:>24}{computes} {workload.describe()}: {r['median_ms']:.3f} ms, "
+              f"{r['images_per_s']:.0f} img/s, "
               f"{r['gbps']:.0f} GB/s, {r['tflops']:.1f} TFLOP/s, {r['roofline_pct']:.0f}% of roofline, "
               f"peak +{r['peak_mem_mb']:.0f} MiB")
         return r

@@ -1,8 +1,8 @@
 """``bench``: run the benchmark suite, ``pytest bench/``, passing any further arguments to pytest.
 
 Example: ``convmixer-kernels bench -- -k "dw_block and 1536" --bench-providers eager,fused-triton``.
-The suite needs a CUDA GPU and a source checkout (bench/ and its harness
-bench/bench_harness/ are not installed with the package); results land in bench/results/ (``--bench-out DIR`` to change) and
+The suite needs a CUDA GPU and a source checkout (bench/ and its harness bench/bench_harness/
+are not installed with the package); results land in bench/results/ (``--bench-out DIR`` to change) and
 ``python bench/summarize.py`` tabulates them.
 """
 from __future__ import annotations

@@ -24,8 +24,9 @@ BASES = ("eager", "compile", "compile-max-autotune", "fused")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--ops", default="dwconv,dw_block", help="dwconv (the conv alone; its fused provider is the fused eval block: conv + affine + "
-                        "residual, one kernel) and/or dw_block")
+    parser.add_argument("--ops", default="dwconv,dw_block",
+                        help="dwconv (the conv alone; its fused provider is the fused eval block: "
+                             "conv + affine + residual, one kernel) and/or dw_block")
     parser.add_argument("--modes", default="fwd", help="fwd and/or fwd+bwd (training mode)")
     parser.add_argument("--kernel-sizes", default="3-31", help="e.g. 3-31 (odd), 3-31:1 (all), or 3,9,31")
     parser.add_argument("--sizes", default="32", help="feature map H = W, comma-separated")
