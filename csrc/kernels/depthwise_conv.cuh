@@ -256,10 +256,14 @@ __device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTil
   }
 }
 
-// Two 256-thread (four 128-thread) blocks per SM: at most 128 registers, so ptxas must fit them
-// without spills (checked with -Xptxas -v).
+// Blocks per SM the register budget must allow (ptxas then fits them without spills, checked
+// with -Xptxas -v): the backward two 256-thread blocks (128 registers: its dW accumulators live
+// across tiles); the forward 64 registers (the occupancy it had before the hint), except the
+// float32 NCHW forward, whose 16-output vector epilogue spills at 64 (six blocks: 85).
 template <class Tile>
 constexpr int kMinBlocks = 512 / Tile::THREADS;
+template <class Tile, typename T>
+constexpr int kForwardMinBlocks = (Tile::kChannelsLast || sizeof(T) < 4 ? 1024 : 768) / Tile::THREADS;
 
 // ------------------------------------------------------------------ strip epilogues
 //
@@ -333,7 +337,7 @@ __device__ void write_tile_stats(const DepthwiseParams& p, const ConvPlan& plan,
 // training: a = dwconv(x) + b (stored in the activation dtype) and per-tile statistics of act(a);
 // eval:     y = act(a) * scale + shift + x, the whole block in one pass.
 template <class Tile, typename T, int K_>
-__global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
+__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
     depthwise_forward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
                              const bool training) {
   constexpr int RW = Tile::RW;
