@@ -196,14 +196,24 @@ template <class Tile, typename T>
 __device__ void load_weights(const DepthwiseParams& p, const WeightTile<Tile>& dst, int c0, int i0, int kc, int KH,
                              int KW, bool flip) {
   const T* weight = static_cast<const T*>(p.weight);
-  const int total = Tile::CB * kc * KW;
-  for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
-    const int j = e % KW, rest = e / KW;
-    const int i = rest % kc, c = rest / kc;
+  auto stage = [&](int c, int i, int j) {
     const int si = flip ? i0 + kc - 1 - i : i0 + i;
     const int sj = flip ? KW - 1 - j : j;
     const int cg = c0 + c;
     dst.at(c, i, j) = cg < p.C ? to_float(weight[(static_cast<int64_t>(cg) * KH + si) * KW + sj]) : 0.f;
+  };
+  if (KW >= 16) {  // wide rows: a warp per (channel, kernel row), one index division per row
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int ci = warp; ci < Tile::CB * kc; ci += Tile::THREADS / 32) {
+      const int c = ci / kc, i = ci - c * kc;
+      for (int j = lane; j < KW; j += 32) stage(c, i, j);
+    }
+    return;
+  }
+  const int total = Tile::CB * kc * KW;
+  for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
+    const int j = e % KW, rest = e / KW;
+    stage(rest / kc, rest % kc, j);
   }
 }
 
