@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from .backends import log_event, validate_backend_name
 from .ops.activation import activation_name, make_activation
@@ -107,16 +108,14 @@ def reference_input_reason(x: torch.Tensor, conv: nn.Conv2d) -> Optional[str]:
 
 
 def hooks_reason(*modules: nn.Module) -> Optional[str]:
-    """Why the fused kernel cannot honour these children's hooks or parametrizations, or None."""
-    from torch.nn.modules import module as module_globals
-    from torch.nn.utils import parametrize
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+    """Why the fused kernel cannot honour these children's hooks or parametrizations, or None.
+    (Runs on every call: the module dicts are read directly, without nn.Module.__getattr__.)"""
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         return "global module forward hooks are registered"
     for m in modules:
         if m._forward_hooks or m._forward_pre_hooks:
             return f"{type(m).__name__} has forward hooks or pre-hooks (e.g. torch.nn.utils.prune, weight_norm)"
-        if parametrize.is_parametrized(m):
+        if "parametrizations" in m._modules:  # what torch.nn.utils.parametrize.is_parametrized looks for
             return f"{type(m).__name__} is parametrized"
     return None
 
@@ -156,8 +155,9 @@ def _pointwise_forward(owner: _FusedBase, conv: nn.Conv2d, act: nn.Module, bn: n
     if owner._reference_reason(x, conv, pointwise_problem(conv, act, bn), conv, act, bn) is not None:
         return bn(act(conv(x)))
     call, count_batch = deferred_batchnorm_call(bn)
-    z, owner.last_backend = pointwise_block(x, conv.weight, conv.bias, call, activation=activation_name(act),
-                                            backend=owner.backend, verdicts=owner._verdicts, on_start=count_batch)
+    z, ran = pointwise_block(x, conv.weight, conv.bias, call, activation=activation_name(act),
+                             backend=owner.backend, verdicts=owner._verdicts, on_start=count_batch)
+    owner.__dict__["last_backend"] = ran  # a plain attribute: skip nn.Module.__setattr__ on the hot path
     return z
 
 
@@ -209,9 +209,10 @@ class FusedDepthwiseBlock(nn.Module, _FusedBase):
         if self._reference_reason(x, conv, depthwise_problem(self.fn), self.fn, conv, act, bn) is not None:
             return self.fn(x) + x
         call, count_batch = deferred_batchnorm_call(bn)
-        y, self.last_backend = depthwise_block(x, conv.weight, conv.bias, call, activation=activation_name(act),
-                                               padding=conv.padding, backend=self.backend, verdicts=self._verdicts,
-                                               on_start=count_batch)
+        y, ran = depthwise_block(x, conv.weight, conv.bias, call, activation=activation_name(act),
+                                 padding=conv.padding, backend=self.backend, verdicts=self._verdicts,
+                                 on_start=count_batch)
+        self.__dict__["last_backend"] = ran  # a plain attribute: skip nn.Module.__setattr__ on the hot path
         return y
 
     def extra_repr(self) -> str:
@@ -250,7 +251,8 @@ class FusedPointwiseBlock(nn.Sequential, _FusedBase):
         return nn.Sequential(*self).train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise_forward(self, self[0], self[1], self[2], x)
+        conv, act, bn = self._modules.values()
+        return _pointwise_forward(self, conv, act, bn, x)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -57,26 +57,20 @@ def deferred_batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[BatchN
     choice, before BatchNorm's own checks, which raise after counting as in the reference), so a
     call refused earlier leaves ``num_batches_tracked`` as it was.
     """
+    # the dicts directly: nn.Module.__getattr__ is slow, and this runs on every call
+    params, buffers = bn._parameters, bn._buffers
+    tracked = buffers.get("num_batches_tracked")
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    training = bn.training
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    counts = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    counts = training and bn.track_running_stats and tracked is not None
     if counts and bn.momentum is None:  # cumulative moving average, over the batches including this one
-        momentum = 1.0 / (float(bn.num_batches_tracked) + 1.0)
-    if bn.training:
-        use_batch_stats = True
-    else:
-        use_batch_stats = bn.running_mean is None and bn.running_var is None
-    pass_buffers = not bn.training or bn.track_running_stats
-    call = BatchNormCall(
-        weight=bn.weight,
-        bias=bn.bias,
-        running_mean=bn.running_mean if pass_buffers else None,
-        running_var=bn.running_var if pass_buffers else None,
-        use_batch_stats=use_batch_stats,
-        momentum=momentum,
-        eps=bn.eps,
-        sync_group=sync_group_of(bn) if use_batch_stats and bn.training else None,
-    )
-    tracked = bn.num_batches_tracked
+        momentum = 1.0 / (float(tracked) + 1.0)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    pass_buffers = not training or bn.track_running_stats
+    call = BatchNormCall(params.get("weight"), params.get("bias"), running_mean if pass_buffers else None,
+                         running_var if pass_buffers else None, use_batch_stats, momentum, bn.eps,
+                         sync_group_of(bn) if training and _may_sync(bn) else None)
 
     def count():
         if counts:
@@ -88,14 +82,17 @@ def deferred_batchnorm_call(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[BatchN
 # ------------------------------------------------------------ SyncBatchNorm
 
 
+def _may_sync(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.SyncBatchNorm) or "process_group" in bn.__dict__  # convmixer_kernels.SyncBatchNorm
+
+
 def sync_group_of(bn: nn.Module) -> Optional[str]:
     """The name of the process group an nn.SyncBatchNorm normalizes over, or None when it acts as a plain
     BatchNorm (not a SyncBatchNorm, no process group initialized, or a group of one), as nn.SyncBatchNorm
     decides."""
     import torch.distributed as dist
 
-    synchronized = isinstance(bn, nn.SyncBatchNorm) or hasattr(bn, "process_group")  # convmixer_kernels.SyncBatchNorm
-    if not synchronized or not (dist.is_available() and dist.is_initialized()):
+    if not _may_sync(bn) or not (dist.is_available() and dist.is_initialized()):
         return None
     group = bn.process_group or dist.group.WORLD
     return group.group_name if dist.get_world_size(group) > 1 else None

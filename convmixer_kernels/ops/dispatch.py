@@ -38,12 +38,14 @@ def reference_only_reason(x: torch.Tensor, weight: torch.Tensor, bn: BatchNormCa
 
 def _verdict_key(op: str, requested: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall, cdtype,
                  kwargs: dict) -> tuple:
-    """Everything a backend verdict depends on, except what is checked on every call anyway."""
-    params = tuple(None if t is None else (t.device, t.dtype, t.shape)
-                   for t in (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var))
-    return (op, requested, backends.strict(), x.device, x.dtype, cdtype, x.shape, x.stride(), params,
-            bn.use_batch_stats, bn.sync_group, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
-            tuple(sorted(kwargs.items())))
+    """Everything a backend verdict depends on, except what is checked on every call anyway.
+    Parameters follow the module (``.to()`` moves them together), so the weight's and the BatchNorm
+    weight's device and dtype stand for them; a mismatch among them still reaches the reference."""
+    bn_w = bn.weight if bn.weight is not None else bn.running_mean
+    return (op, requested, backends.strict(), x.device, x.dtype, cdtype, x.shape, x.stride(), weight.device,
+            weight.dtype, weight.shape, bias is None, None if bn_w is None else (bn_w.device, bn_w.dtype),
+            bn.weight is None, bn.running_mean is None, bn.use_batch_stats, bn.sync_group, torch.is_grad_enabled(),
+            torch.is_autocast_enabled(x.device.type), *kwargs.values())
 
 
 def run_block(op: str, x: torch.Tensor, weight: torch.Tensor, bias, bn: BatchNormCall, backend: str,
