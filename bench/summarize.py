@@ -271,9 +271,56 @@ def static_table(paths: List[str]) -> str:
         out += ["", "| training step (layers only) | predicted | floor | img/s predicted | DRAM vs eager (target ≤ 0.45x) "
                 "| saved for backward vs eager (target ≤ 0.5x) | file |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         out += heads
+    out += kernel_table(paths) + sweep_table(paths)
     if assumptions:
         out += ["", "Assumptions:"] + [f"- {a}" for a in assumptions]
     return "\n".join(out) + "\n"
+
+
+KERNEL_TABLE_CONFIG = "1536/20-k9-p7"  # the paper's headline configuration (and the CI guard's)
+
+
+def kernel_table(paths: List[str]) -> List[str]:
+    """Per kernel of the headline configuration: resources, instruction mix and predicted time."""
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("workload", {}).get("config") != KERNEL_TABLE_CONFIG or not data.get("kernels"):
+            continue
+        rows = ["", f"Per kernel, {KERNEL_TABLE_CONFIG} (batch {data['workload']['batch']}, "
+                f"{data['workload']['dtype']}, {data['workload']['layout']}), Triton, default launches:", "",
+                "| block | phase | kernel | regs | spill B | instr / FFMA | wgmma | bound | predicted µs | % of floor |",
+                "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+        for k in data["kernels"]:
+            if k.get("candidate"):
+                continue
+            ipf = k.get("instr_per_ffma")
+            rows.append(f"| {k['block']} | {k['phase']} | `{k['kernel']}` | {k['registers']} | {k['spill_bytes']} | "
+                        f"{f'{ipf:.1f}' if ipf else '-'} | {'yes' if k.get('hgmma') else 'no'} | {k.get('bound', '-')} | "
+                        f"{k['predicted_us']:,.1f} | {k.get('roofline_pct', 0):.0f}% |")
+        return rows
+    return []
+
+
+def sweep_table(paths: List[str]) -> List[str]:
+    """The depthwise block across kernel sizes (static-sm90-dw-k-sweep.json)."""
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not str(data.get("schema", "")).startswith("convmixer-kernels-static-sweep/"):
+            continue
+        w = data["workload"]
+        rows = ["", f"Depthwise block across kernel sizes ({w['dim']} channels, {w['grid_size']}x{w['grid_size']}, "
+                f"batch {w['batch']}, {w['dtype']}, {w['layout']}), forward+backward in training:", "",
+                "| k | predicted µs | floor µs | % of floor |", "| ---: | ---: | ---: | ---: |"]
+        for entry in data["sweep"]:
+            for b in entry["blocks"]:
+                if b["phase"] == "forward+backward (training)":
+                    pct = 100 * b["floor_us"] / b["predicted_us"] if b["predicted_us"] else 0
+                    rows.append(f"| {entry['kernel_size']} | {b['predicted_us']:,.0f} | {b['floor_us']:,.0f} | "
+                                f"{pct:.0f}% |")
+        return rows
+    return []
 
 
 def main(argv=None) -> int:
