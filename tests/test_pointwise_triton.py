@@ -6,6 +6,7 @@ test_blocks.py; these are the triton-specific checks. Interpreted shapes stay ti
 """
 import copy
 import functools
+import os
 
 import pytest
 import torch
@@ -126,6 +127,88 @@ def test_gemm_prologue_split_k_and_statistics_epilogue():
         torch.testing.assert_close(part[2, i].double(), ((r - r.mean(0)) ** 2).sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("epi_split", [1, 2, 4])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_split_epilogues_match_the_one_piece_epilogue(epi_split, act):
+    """The epilogue in EPI_SPLIT column blocks (what sm_90 runs: statistics in 4, BN apply in 2) writes
+    exactly what the one-piece epilogue writes: C, its statistics partials, and the applied output.
+    Ragged rows (I = 37) and columns (J = 53) on 32-wide tiles: every block meets the masks."""
+    I, J, K = 37, 53, 40
+    a, b, bias = _randn(I, K, seed=70), _randn(K, J, seed=71), _randn(J, seed=72)
+    s, t = _randn(J, seed=73), _randn(J, seed=74)
+    code = ACT_CODE[act]
+    cfg = TP.GemmConfig(32, 32, 16, 2, 4, 1, epi_split=epi_split)
+    one = TP.GemmConfig(32, 32, 16, 2, 4, 1)
+    c, part = _matmul(a, b, bias=bias, stats=True, act=code, config=cfg)
+    c1, part1 = _matmul(a, b, bias=bias, stats=True, act=code, config=one)
+    assert torch.equal(c, c1) and torch.equal(part, part1)
+    assert _rel(c, a.double() @ b.double() + bias.double()) <= 1e-6
+    g = activation_reference(c.double(), act)
+    rows = torch.split(g, 32)
+    torch.testing.assert_close(part[0].double(), torch.tensor([[r.shape[0]] * J for r in rows], dtype=torch.float64))
+    torch.testing.assert_close(part[1].double(), torch.stack([r.mean(0) for r in rows]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part[2].double(), torch.stack([((r - r.mean(0)) ** 2).sum(0) for r in rows]),
+                               rtol=1e-5, atol=1e-5)
+    z, _ = _matmul(a, b, bias=bias, apply=(s, t), act=code, config=cfg)
+    z1, _ = _matmul(a, b, bias=bias, apply=(s, t), act=code, config=one)
+    assert torch.equal(z, z1)
+    assert _rel(z, g * s.double() + t.double()) <= 1e-5
+
+
+def test_default_configs_per_epilogue():
+    """One place chooses the sm_90 configuration: 128x128x64, 8 warps, 3 stages; epilogues capped at 128
+    registers (2 blocks per SM) and split in column blocks."""
+    bf16 = torch.bfloat16
+    assert TP.default_config(bf16, True, False) == TP.GemmConfig(128, 128, 64, 8, 8, 3, maxnreg=128, epi_split=4)
+    assert TP.default_config(bf16, False, True) == TP.GemmConfig(128, 128, 64, 8, 8, 3, maxnreg=128, epi_split=2)
+    assert TP.default_config(bf16, False, False) == TP.GemmConfig(128, 128, 64, 8, 8, 3)
+    assert TP.default_config(torch.float32, True, False).block_k == 32
+    assert TP.GemmConfig(16, 16, 16, maxnreg=128).meta()["maxnreg"] == 128
+    assert "maxnreg" not in TP.GemmConfig(16, 16, 16).meta()
+
+
+def test_weight_gradient_split_k_fills_waves():
+    """dW = dp^T r at the paper shape (1536 x 1536, K = M = 65536, 264 slots on an H200): 9 splits,
+    1296 blocks = 4.9 waves (2 splits were 288 blocks, 1.09 waves); small K: no split; splits are
+    whole multiples of 64 and cover K."""
+    cfg = TP.default_config(torch.bfloat16, False, False)
+    assert TP.split_k_for(1536, 1536, 65536, cfg, 264, 64) == 9
+    assert TP.split_k_for(1536, 1536, 1024, cfg, 264, 1) == 1
+    for I, J, K in [(1536, 1536, 65536), (768, 768, 65536), (256, 256, 16384), (1024, 1024, 16384)]:
+        split = TP.split_k_for(I, J, K, cfg, 264, 64)
+        kps, n = TP.split_plan(K, split)
+        assert n == split and kps % 64 == 0 and (n - 1) * kps < K <= n * kps
+        tiles = -(-I // 128) * -(-J // 128)
+        waves = tiles * split / 264
+        # one (partial) wave of short blocks, or whole waves at least 90% full
+        assert tiles * split <= 264 or waves >= 0.9 * -(-tiles * split // 264), (I, J, K, split, waves)
+    with TC.static_target():
+        assert TP._gemm_slots(torch.device("meta"), cfg, 2) == 264
+        assert TP._split_k(1536, 1536, 65536, torch.bfloat16, torch.device("meta")) == 9
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_bn_backward_act_both_matches_separate_functions(act):
+    """The dp pass evaluates act and act' from one erf/tanh: its dp equals the float64 formula."""
+    M, C = 37, 19
+    p = _randn(M, C, seed=80) * 2
+    dz = _randn(M, C, seed=81)
+    k1, k2, mdy, mean = (_randn(C, seed=82 + i) for i in range(4))
+    coef = torch.stack((k1, k2, mdy, mean))
+    x = p.t().reshape(1, C, M, 1).contiguous()  # shapes only; not read by the dp pass
+    w = _randn(C, C, 1, 1, seed=90)
+    dz4 = dz.t().reshape(1, C, M, 1).contiguous(memory_format=torch.channels_last)
+    assert dz4.is_contiguous(memory_format=torch.channels_last)
+    _, _, db = TP.input_grad(dz4, p, x.contiguous(memory_format=torch.channels_last), w, coef, ACT_CODE[act], True,
+                             False, False, True)
+    pd = p.double()
+    g = activation_reference(pd, act)
+    pr = pd.clone().requires_grad_(True)
+    activation_reference(pr, act).sum().backward()
+    dp = pr.grad * (k1.double() * (dz.double() - mdy.double()) + k2.double() * (g - mean.double()))
+    assert _rel(db, dp.sum(0)) <= 1e-5
+
+
 def test_gemm_operand_dtype_mismatch_raises():
     a, b = _randn(4, 4), _randn(4, 4, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="dtypes differ"):
@@ -221,7 +304,7 @@ def _forward(x, w, b, call, activation):
 def _backward(dz, x, w, p, stats, activation):
     act = ACT_CODE[activation]
     sums = TP.grad_sums(dz, p, stats, act)
-    coef = bnops.backward_coefficients(sums, stats, None, p.shape[0], True)
+    coef = bnops.backward_coefficients(sums, stats, None, True)
     return TP.input_grad(dz, p, x, w, coef, act, True, True, True, True)
 
 
@@ -303,6 +386,71 @@ def test_compile_fullgraph_matches_eager():
                 torch.testing.assert_close(d_c[name], d_e[name], rtol=1e-5, atol=1e-5, msg=name)
         for m in (eager, compiled):
             m.zero_grad(set_to_none=True)
+
+
+_COMPILE_FOR_SM90 = r"""
+from triton.backends.compiler import GPUTarget
+import torch
+from triton.compiler import ASTSource, compile
+from convmixer_kernels.ops.triton import pointwise as P
+
+def build(fn, ptrs, consts, options=None):
+    sig, cx = {}, {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name], cx[name] = "constexpr", consts[name]
+        elif name.endswith("_ptr"):
+            sig[name] = ptrs.get(name, "*fp32")
+        else:
+            sig[name] = "i32"
+    k = compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options=options or {})
+    return k
+
+gemm_base = dict(A_DIMS=1, B_DIMS=1, C_DIMS=3, PRO_ACT=-1, PRO_AFFINE=False, HAS_RES=False, HAS_BIAS=True,
+                 DOT_F32=False, PRECISION="tf32", GROUP_I=8)
+for dt, stats, apply, act in [("*bf16", True, False, 0), ("*fp16", True, False, 1), ("*bf16", False, True, 1),
+                              ("*bf16", False, False, 2)]:
+    ops = dict(a_ptr=dt, b_ptr=dt, c_ptr=dt, bias_ptr=dt, res_ptr=dt)
+    cfg = P.default_config({"*bf16": torch.bfloat16, "*fp16": torch.float16}[dt], stats, apply)
+    meta = cfg.meta()
+    opts = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+    k = build(P._gemm_kernel, ops, dict(gemm_base, STATS=stats, APPLY=apply, ACT=act, EPI_SPLIT=cfg.epi_split,
+                                        **meta), opts)
+    assert "wgmma" in k.asm["ptx"], "no wgmma for the sm_90 GEMM"
+# the prologue (design.md 3.3) and fp32 operands (tf32 / ieee)
+build(P._gemm_kernel, dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*fp32", res_ptr="*bf16"),
+      dict(gemm_base, PRO_ACT=0, PRO_AFFINE=True, HAS_RES=True, HAS_BIAS=False, STATS=False, APPLY=False, ACT=0,
+           EPI_SPLIT=1, BLOCK_I=128, BLOCK_J=128, BLOCK_K=64), dict(num_warps=8, num_stages=3))
+build(P._gemm_kernel, dict(a_ptr="*fp32", b_ptr="*fp32", c_ptr="*fp32", bias_ptr="*fp32"),
+      dict(gemm_base, STATS=True, APPLY=False, ACT=0, EPI_SPLIT=4, PRECISION="ieee", BLOCK_I=128, BLOCK_J=128,
+           BLOCK_K=32), dict(num_warps=8, num_stages=3, maxnreg=128))
+for dt, act, store, train in [("*bf16", 0, False, True), ("*bf16", 0, True, True), ("*bf16", 0, True, False),
+                              ("*fp32", 1, True, True), ("*bf16", 2, True, True)]:
+    build(P._bn_bwd_kernel, dict(dz_ptr=dt, p_ptr=dt, dp_ptr=dt),
+          dict(DZ_DIMS=3, ACT=act, TRAIN=train, STORE_DP=store, BLOCK_M=32, BLOCK_C=128), dict(num_warps=8))
+for dt, act in (("*bf16", 0), ("*fp32", 2)):
+    build(P._apply_kernel, dict(p_ptr=dt, z_ptr=dt), dict(Z_DIMS=2, ACT=act, BLOCK_M=64, BLOCK_C=128),
+          dict(num_warps=8))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel is compiled for real by the other tests")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: compile the GEMM (each epilogue with its sm_90
+    configuration: register cap, split epilogue; the prologue; fp32 operands), the BN backward passes and
+    the apply pass for sm_90, no GPU needed; the GEMM's PTX must use wgmma."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("this triton install has no ptxas")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
 
 
 # ---------------------------------------------------------------- CUDA only: the paper's shapes

@@ -115,7 +115,9 @@ def _gemm(c, a, grid):
     rereads = (tiles_j - 1) * I * K * 2 + (tiles_i - 1) * J * K * 2  # operand tiles re-read through L2
     return Plan([Loop(cdiv(kps, c["BLOCK_K"]), name="K")], mma_flops=2.0 * I * J * K, reads=reads, writes=writes,
                 l2_bytes=rereads, what=f"GEMM {I}x{J}x{K}" + (" + bias" if c.get("HAS_BIAS") else "")
-                + (" + statistics epilogue" if c.get("STATS") else "") + (" + BN apply epilogue" if c.get("APPLY") else ""))
+                + (" + statistics epilogue" if c.get("STATS") else "") + (" + BN apply epilogue" if c.get("APPLY") else "")
+                + (f" (epilogue in {c['EPI_SPLIT']} column blocks)" if c.get("EPI_SPLIT", 1) > 1 else "")
+                + (f", split-K {grid[1]}" if grid[1] > 1 else ""))
 
 
 def _pw_apply(c, a, grid):
@@ -127,7 +129,7 @@ def _bn_bwd(c, a, grid):
     return Plan([Loop(a["tiles_per_prog"], name="row tiles")],
                 reads=["dz_ptr", "p_ptr"] + (["coef_ptr"] if store else ["mean_ptr", "rstd_ptr"]),
                 writes=(["dp_ptr"] if store else []) + ["part_ptr"],
-                what="dp = BN_bwd(dz)*act'(p)" if store else "sum(dz), sum(dz*xhat)")
+                what="dp = BN_bwd(dz)*act'(p) (act, act' from one erf/tanh)" if store else "sum(dz), sum(dz*xhat)")
 
 
 PLANS: Dict[str, Callable] = {

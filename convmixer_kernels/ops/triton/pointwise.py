@@ -19,6 +19,7 @@ decomposed into (n, h, w) with the fewest dims its strides allow (``_Axis``).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -29,9 +30,11 @@ from torch import Tensor
 
 from ..alloc import empty, empty_output
 from ..batchnorm import MEAN, RSTD, SCALE, SHIFT
-from .activation import act_fwd, act_grad
-from .batchnorm import finalize, tile_stats  # noqa: F401  (finalize is part of this backend's contract)
-from .common import Autotuner, interpreting, num_sms, sum_rows
+from .activation import (_INV_SQRT_2PI, _SQRT1_2, _SQRT_2_OVER_PI, _TANH_COEF, _TANH_COEF_X3, _tanh, act_fwd,
+                         act_grad)
+from .batchnorm import finalize  # noqa: F401  (part of this backend's contract)
+from ...backends import log_event
+from .common import Autotuner, interpreting, num_sms, static_active, sum_rows
 
 # ====================================================================== Triton kernels
 
@@ -62,7 +65,7 @@ def _gemm_kernel(
         A_DIMS: tl.constexpr, B_DIMS: tl.constexpr, C_DIMS: tl.constexpr,
         PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
         HAS_BIAS: tl.constexpr, STATS: tl.constexpr, APPLY: tl.constexpr, ACT: tl.constexpr,
-        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EPI_SPLIT: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr):
     """C = A' B (+ epilogue), fp32 accumulation; A' = A, or the prologue's act(A)*s[k]+t[k] (+ res).
 
@@ -93,6 +96,8 @@ def _gemm_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    if HAS_BIAS:  # the accumulator starts at the bias: no per-column vector held through the epilogue
+        acc += tl.load(bias_ptr + rj, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
         mask_k = kk < k_hi
@@ -118,44 +123,66 @@ def _gemm_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    mask = mask_i[:, None] & mask_j[None, :]
-    out_ty = c_ptr.dtype.element_ty
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rj, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-    c_rows = _offsets(ri, c_d1, c_d2, c_s0, c_s1, c_s2, C_DIMS)
-    c_off = split.to(tl.int64) * stride_csplit + c_rows[:, None] + rj.to(tl.int64)[None, :] * stride_cj
-    if STATS:
-        # one pass over the fp32 accumulator: p is stored first (its registers are then free), and the
-        # statistics see exactly the p a later pass reads back (rounded to C's dtype)
-        p = acc.to(out_ty)
-        tl.store(c_ptr + c_off, p, mask=mask)
-        _tile_stats_epilogue(act_fwd(p.to(tl.float32), ACT), mask_i, I - pid_i * BLOCK_I, rj, mask_j,
-                             part_ptr + pid_i.to(tl.int64) * J, part_plane, BLOCK_I)
-    elif APPLY:
-        s = tl.load(scale_ptr + rj, mask=mask_j, other=0.0)
-        t = tl.load(shift_ptr + rj, mask=mask_j, other=0.0)
-        z = act_fwd(acc.to(out_ty).to(tl.float32), ACT) * s[None, :] + t[None, :]
-        tl.store(c_ptr + c_off, z.to(out_ty), mask=mask)
+    c_rows = _offsets(ri, c_d1, c_d2, c_s0, c_s1, c_s2, C_DIMS) + split.to(tl.int64) * stride_csplit
+    # the epilogue in EPI_SPLIT column blocks: fewer registers live at a time (2 blocks of 8 warps per SM)
+    rj0 = pid_j * BLOCK_J + tl.arange(0, BLOCK_J // EPI_SPLIT)
+    ep = (ri, c_rows, pid_i, mask_i, c_ptr, scale_ptr, shift_ptr, part_ptr, I, J, part_plane, stride_cj)
+    if EPI_SPLIT == 1:
+        _epilogue(acc, rj0, *ep, STATS, APPLY, ACT, BLOCK_I)
     else:
-        tl.store(c_ptr + c_off, acc.to(out_ty), mask=mask)
+        acc0, acc1 = _halves(acc, BLOCK_I, BLOCK_J)
+        if EPI_SPLIT == 2:
+            _epilogue(acc0, rj0, *ep, STATS, APPLY, ACT, BLOCK_I)
+            _epilogue(acc1, rj0 + BLOCK_J // 2, *ep, STATS, APPLY, ACT, BLOCK_I)
+        else:  # 4
+            q0, q1 = _halves(acc0, BLOCK_I, BLOCK_J // 2)
+            _epilogue(q0, rj0, *ep, STATS, APPLY, ACT, BLOCK_I)
+            _epilogue(q1, rj0 + BLOCK_J // 4, *ep, STATS, APPLY, ACT, BLOCK_I)
+            q2, q3 = _halves(acc1, BLOCK_I, BLOCK_J // 2)
+            _epilogue(q2, rj0 + BLOCK_J // 2, *ep, STATS, APPLY, ACT, BLOCK_I)
+            _epilogue(q3, rj0 + 3 * (BLOCK_J // 4), *ep, STATS, APPLY, ACT, BLOCK_I)
 
 
 @triton.jit
-def _tile_stats_epilogue(g, mask_i, rows_left, rj, mask_j, part_ptr, part_plane, BLOCK_I: tl.constexpr):
-    """(count, mean, M2) per column of the [BLOCK_I, BLOCK_J] fp32 block ``g`` (rows past ``rows_left``
-    masked off) into the three planes of the [3, T, J] partials at ``part_ptr`` (this tile's row).
+def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Columns [0, COLS/2) and [COLS/2, COLS) of the [ROWS, COLS] block ``x``."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
 
-    The same two passes as ``batchnorm.tile_stats`` (mean, then squared deviations) with the count
-    known without a reduction and only the row mask applied (masked columns are not stored).
+
+@triton.jit
+def _epilogue(acc, rj, ri, c_rows, pid_i, mask_i, c_ptr, scale_ptr, shift_ptr, part_ptr, I, J, part_plane, stride_cj,
+              STATS: tl.constexpr, APPLY: tl.constexpr, ACT: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Store one block of columns ``rj`` of the fp32 accumulator (bias already in): C, or (APPLY)
+    act(C)*scale + shift; with STATS also the per-column statistics of act(C) into the partials.
+
+    The stored C is what statistics and activation see (rounded to C's dtype), so a later pass that
+    re-reads C computes the same values. C is stored first: its registers are then free.
     """
-    n = tl.minimum(rows_left, BLOCK_I).to(tl.float32)
-    row_ok = mask_i[:, None]
-    mean = tl.sum(tl.where(row_ok, g, 0.0), axis=0) / n
-    d = tl.where(row_ok, g - mean[None, :], 0.0)
-    m2 = tl.sum(d * d, axis=0)
-    tl.store(part_ptr + rj, tl.zeros_like(mean) + n, mask=mask_j)
-    tl.store(part_ptr + part_plane + rj, mean, mask=mask_j)
-    tl.store(part_ptr + 2 * part_plane + rj, m2, mask=mask_j)
+    mask_j = rj < J
+    mask = mask_i[:, None] & mask_j[None, :]
+    out_ty = c_ptr.dtype.element_ty
+    c_off = c_rows[:, None] + rj.to(tl.int64)[None, :] * stride_cj
+    if APPLY:
+        p = acc.to(out_ty).to(tl.float32)
+        s = tl.load(scale_ptr + rj, mask=mask_j, other=0.0)
+        t = tl.load(shift_ptr + rj, mask=mask_j, other=0.0)
+        tl.store(c_ptr + c_off, (act_fwd(p, ACT) * s[None, :] + t[None, :]).to(out_ty), mask=mask)
+    else:
+        p = acc.to(out_ty)
+        tl.store(c_ptr + c_off, p, mask=mask)
+        if STATS:  # (count, mean, M2) per column, two passes over registers as batchnorm.tile_stats;
+            # the count is known without a reduction, and only the row mask matters (masked columns are not stored)
+            g = act_fwd(p.to(tl.float32), ACT)
+            n = tl.minimum(I - pid_i * BLOCK_I, BLOCK_I).to(tl.float32)
+            row_ok = mask_i[:, None]
+            mean = tl.sum(tl.where(row_ok, g, 0.0), axis=0) / n
+            d = tl.where(row_ok, g - mean[None, :], 0.0)
+            m2 = tl.sum(d * d, axis=0)
+            pofs = pid_i.to(tl.int64) * J + rj
+            tl.store(part_ptr + pofs, tl.zeros_like(mean) + n, mask=mask_j)
+            tl.store(part_ptr + part_plane + pofs, mean, mask=mask_j)
+            tl.store(part_ptr + 2 * part_plane + pofs, m2, mask=mask_j)
+
 
 @triton.jit
 def _apply_kernel(p_ptr, z_ptr, scale_ptr, shift_ptr, M, C,
@@ -172,6 +199,21 @@ def _apply_kernel(p_ptr, z_ptr, scale_ptr, shift_ptr, M, C,
     z = act_fwd(p, ACT) * s[None, :] + t[None, :]
     z_off = _offsets(rm, z_d1, z_d2, z_s0, z_s1, z_s2, Z_DIMS)[:, None] + rc.to(tl.int64)[None, :] * stride_zc
     tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _act_both(a, ACT: tl.constexpr):
+    """(act(a), act'(a)) from one erf / tanh: the expressions of ``activation.act_fwd`` and
+    ``act_grad`` term for term, sharing the transcendental."""
+    if ACT == 0:
+        e = tl.math.erf(a * _SQRT1_2)
+        return 0.5 * a * (1.0 + e), 0.5 * (1.0 + e) + a * tl.exp(-0.5 * a * a) * _INV_SQRT_2PI
+    elif ACT == 1:
+        t = _tanh((a + a * a * a * _TANH_COEF) * _SQRT_2_OVER_PI)
+        return (0.5 * a * (1.0 + t),
+                0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + a * a * _TANH_COEF_X3))
+    else:
+        return tl.where(a < 0.0, 0.0, a), tl.where(a > 0.0, 1.0, 0.0)
+
 
 @triton.jit
 def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr,
@@ -210,10 +252,12 @@ def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr
         p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
         if STORE_DP:
             if TRAIN:  # with the batch-statistics terms; the subtraction first, as PyTorch does
-                dg = k1[None, :] * (dz - mean_dy[None, :]) + k2[None, :] * (act_fwd(p, ACT) - mean[None, :])
+                g, dact = _act_both(p, ACT)  # one erf per element gives both
+                dg = k1[None, :] * (dz - mean_dy[None, :]) + k2[None, :] * (g - mean[None, :])
             else:
+                dact = act_grad(p, ACT)
                 dg = k1[None, :] * dz
-            dp = dg * act_grad(p, ACT)
+            dp = dg * dact
             tl.store(dp_ptr + p_off, dp.to(dp_ptr.dtype.element_ty), mask=mask)
             acc0 += tl.where(mask, dp, 0.0)
         else:
@@ -280,16 +324,23 @@ class GemmConfig:
     group_i: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: Optional[int] = None
+    epi_split: int = 1  # a register cap for ptxas (sm_90: 2 blocks of 8 warps per SM need <= 128)
 
     def meta(self):
-        return dict(BLOCK_I=self.block_i, BLOCK_J=self.block_j, BLOCK_K=self.block_k, GROUP_I=self.group_i,
+        meta = dict(BLOCK_I=self.block_i, BLOCK_J=self.block_j, BLOCK_K=self.block_k, GROUP_I=self.group_i,
                     num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg:
+            meta["maxnreg"] = self.maxnreg
+        return meta
 
 
 # Candidates tried on CUDA, sized for Hopper's 228 KB of shared memory; those that do not fit a
 # smaller GPU (or float32 operands) fail to compile and are skipped.
 GEMM_CONFIGS = [
     GemmConfig(128, 128, 64, 8, 8, 3),
+    GemmConfig(128, 128, 64, 8, 8, 3, maxnreg=128, epi_split=2),
+    GemmConfig(128, 128, 64, 8, 8, 3, maxnreg=128, epi_split=4),
     GemmConfig(128, 256, 64, 8, 8, 3),
     GemmConfig(256, 128, 64, 8, 8, 3),
     GemmConfig(128, 128, 64, 8, 4, 4),
@@ -299,8 +350,39 @@ GEMM_CONFIGS = [
     GemmConfig(128, 128, 32, 8, 4, 4),
     GemmConfig(64, 64, 32, 8, 4, 3),
 ]
-# The interpreter: small tiles (dot needs >= 16), a group of 2 so the grouped ordering is exercised.
-INTERPRETER_CONFIG = GemmConfig(16, 16, 16, 2, 4, 1)
+
+_logged_configs = set()
+
+
+def default_config(dtype: torch.dtype, stats: bool, apply: bool, key: tuple = ()) -> GemmConfig:
+    """The one place that chooses the GEMM's launch configuration per shape and epilogue (the
+    autotuner, where it runs, starts from it and keeps it unless a candidate measures faster).
+
+    Evidence (sm_90, static: ``convmixer-kernels inspect``, M = 65536, K = N = 1536, bf16): 128x128x64
+    tiles, 8 warps (two warpgroups of HGMMA 64x128x16), 3 stages (96 KB of shared memory) run 2 blocks
+    per SM when they need at most 128 registers; that halves the issue-bound time of the epilogues.
+    The plain GEMM needs ~110 registers as is. The epilogues need a register cap (maxnreg=128) and
+    their work in column blocks (``epi_split``): statistics 4 blocks of 32 columns (125 registers, no
+    spills; 255 registers with 56 B spilled in one piece), BN apply 2 blocks of 64 (128, no spills).
+    128x256 tiles need 232-255 registers with the statistics epilogue (1 block per SM): slower.
+    """
+    block_k = 32 if dtype == torch.float32 else 64  # 3 stages of 32 KB tiles (fits any GPU since Ampere)
+    if stats:
+        cfg, why = GemmConfig(128, 128, block_k, 8, 8, 3, maxnreg=128, epi_split=4), "statistics epilogue"
+    elif apply:
+        cfg, why = GemmConfig(128, 128, block_k, 8, 8, 3, maxnreg=128, epi_split=2), "BN apply epilogue"
+    else:
+        cfg, why = GemmConfig(128, 128, block_k, 8, 8, 3), "plain epilogue"
+    if key not in _logged_configs:
+        _logged_configs.add(key)
+        log_event(logging.DEBUG, "pointwise_block (triton): GEMM %s for %s (%s)", cfg, key, why)
+    return cfg
+
+
+def _interpreter_config(default: GemmConfig) -> GemmConfig:
+    """The interpreter: small tiles (dot needs >= 16), a group of 2 so the grouped ordering is exercised,
+    and the epilogues in two column halves where the GPU splits them, so the split epilogue runs in tests."""
+    return GemmConfig(16, 16, 16, 2, 4, 1, epi_split=min(default.epi_split, 2))
 
 
 
@@ -311,7 +393,7 @@ def _pick_config(key: tuple, I: int, J: int, default: GemmConfig, launch, device
     """The GEMM configuration for ``key`` (shapes, dtypes, layouts, epilogue): benchmarked once per
     key on CUDA and cached; fixed under the interpreter, in deterministic mode or with autotuning off."""
     if interpreting(device):
-        return INTERPRETER_CONFIG
+        return _interpreter_config(default)
     cap_i, cap_j = max(64, triton.next_power_of_2(I)), max(64, triton.next_power_of_2(J))
     cands = [default] + [c for c in GEMM_CONFIGS if c != default and c.block_i <= cap_i and c.block_j <= cap_j]
     return _tuner.pick(key, cands, launch)
@@ -368,14 +450,13 @@ def gemm(a: Tensor, a_rows: _Axis, stride_ak: int, b: Tensor, b_k: _Axis, stride
             PRO_ACT=pro.get("act", -1), PRO_AFFINE=pro.get("scale") is not None,
             HAS_RES=pro.get("residual") is not None,
             HAS_BIAS=bias is not None, STATS=stats, APPLY=apply is not None, ACT=act,
-            DOT_F32=dot_f32, PRECISION=precision, **cfg.meta())
+            DOT_F32=dot_f32, PRECISION=precision, EPI_SPLIT=cfg.epi_split, **cfg.meta())
 
     if config is None:
         key = (I, J, K, a.dtype, c.dtype, a_rows.dims, b_k.dims, c_rows.dims, stride_ak == 1, stride_bj == 1,
                stride_cj == 1, bias is not None, stats, apply is not None, act, tuple(sorted(pro)), split_k,
                precision, a.device.index)
-        # the default keeps 3 stages of 32 KB tiles in shared memory (fits any GPU since Ampere)
-        default = GemmConfig(128, 128, 32 if a.dtype == torch.float32 else 64, 8, 8, 3)
+        default = default_config(a.dtype, stats, apply is not None, key)
         config = _pick_config(key, I, J, default, launch, c.device)
     launch(config)
     return part_for(config)
@@ -390,6 +471,11 @@ def split_plan(K: int, split_k: int) -> Tuple[int, int]:
     return k_per_split, triton.cdiv(K, k_per_split)
 
 
+
+
+# 8 warps over a 32x128 tile: 16 elements per thread, ~100 registers, 2 blocks = 16 warps per SM (sm_90,
+# static: with 4 warps 166 registers, 12 warps per SM, the erf-bound passes issue at 3/4 of the rate)
+_ROWWISE_WARPS = 8
 
 
 def _rowwise_config(M: int, C: int, device: torch.device) -> Tuple[int, int, int, int]:
@@ -410,12 +496,49 @@ def _conv_weight(weight: Tensor) -> Tuple[int, int, int, int]:
     return weight.shape[0], weight.shape[1], weight.stride(0), weight.stride(1)
 
 
-def _split_k(tiles: int, K: int, device: torch.device) -> int:
+# tensor-core FLOPs per byte of DRAM traffic on the GPUs this package targets (H100/H200: 788 TFLOP/s bf16
+# dense over 4.3 TB/s): what one extra fp32 partial write and read costs in GEMM time
+_FLOP_PER_BYTE = 180.0
+
+
+def _gemm_slots(device: torch.device, cfg: GemmConfig, elem: int) -> int:
+    """Blocks of ``cfg`` resident on the GPU at once (by shared memory; at most 2 of 8 warps per SM)."""
+    smem = cfg.num_stages * (cfg.block_i + cfg.block_j) * cfg.block_k * elem + 1024
+    if static_active() is not None or device.type != "cuda":
+        per_sm = 228 * 1024  # sm_90
+    else:
+        per_sm = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 228 * 1024)
+    per_block = max(1, min(2048 // (32 * cfg.num_warps), per_sm // smem, 2))
+    return per_block * num_sms(device)
+
+
+def split_k_for(I: int, J: int, K: int, cfg: GemmConfig, slots: int, max_split: int = 32) -> int:
+    """Splits of K for an [I, J] output with a long K (the weight gradient: K = M): the count that
+    minimizes (waves of blocks x work per block) + the fp32 partials' write and read, so the blocks
+    fill whole waves (ties: fewer splits). At M = 65536, 1536x1536, 264 slots: 9 splits
+    (1296 blocks = 4.9 waves) instead of 2 (288 blocks = 1.09 waves, the second wave 9% full)."""
+    tiles = triton.cdiv(I, cfg.block_i) * triton.cdiv(J, cfg.block_j)
+    best, best_cost = 1, None
+    for want in range(1, max_split + 1):
+        kps, split = split_plan(K, want)
+        if want > 1 and split != want:
+            continue
+        waves = triton.cdiv(tiles * split, slots)
+        cost = waves * slots * 2.0 * cfg.block_i * cfg.block_j * kps
+        if split > 1:
+            cost += 8.0 * split * I * J * _FLOP_PER_BYTE
+        if best_cost is None or cost < best_cost * (1 - 1e-9):
+            best, best_cost = split, cost
+    return best
+
+
+def _split_k(I: int, J: int, K: int, dtype: torch.dtype, device: torch.device) -> int:
     """How many K splits the weight-gradient GEMM needs to fill the GPU (K = M is long, the output small)."""
     if interpreting(device):
         return 2 if K > 64 else 1  # exercised by the tests
-    want = triton.cdiv(2 * num_sms(device), max(tiles, 1))
-    return max(1, min(want, K // 1024))
+    cfg = default_config(dtype, False, False)
+    return split_k_for(I, J, K, cfg, _gemm_slots(device, cfg, torch.empty((), dtype=dtype).element_size()),
+                       max_split=max(1, min(64, K // 1024)))
 
 
 def _apply_block(M: int, cout: int, device) -> Tuple[int, int]:
@@ -449,7 +572,7 @@ def apply(p: Tensor, x: Tensor, finalized: Tensor, act: int) -> Tensor:
     zr = _pixels(z)
     _apply_kernel[(triton.cdiv(M, block_m), triton.cdiv(cout, block_c))](
         p, z, finalized[SCALE], finalized[SHIFT], M, cout, *zr.args(), z.stride(1), Z_DIMS=zr.dims,
-        ACT=act, BLOCK_M=block_m, BLOCK_C=block_c)
+        ACT=act, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_ROWWISE_WARPS)
     return z
 
 
@@ -471,7 +594,8 @@ def grad_sums(dz: Tensor, p: Tensor, stats: Tensor, act: int) -> Tensor:
     part = empty((progs, 2, cout), dtype=torch.float32, device=p.device)
     _bn_bwd_kernel[(progs, triton.cdiv(cout, block_c))](
         dz, p, p, part, stats[MEAN], stats[RSTD], stats, M, cout, tiles_per_prog, *dz_rows.args(), dz.stride(1),
-        DZ_DIMS=dz_rows.dims, ACT=act, TRAIN=True, STORE_DP=False, BLOCK_M=block_m, BLOCK_C=block_c)
+        DZ_DIMS=dz_rows.dims, ACT=act, TRAIN=True, STORE_DP=False, BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=_ROWWISE_WARPS)
     return sum_rows(part)
 
 
@@ -489,7 +613,8 @@ def input_grad(dz: Tensor, p: Tensor, x: Tensor, weight: Tensor, coef: Tensor, a
     part_db = empty((progs, cout), dtype=torch.float32, device=dev)
     _bn_bwd_kernel[(progs, triton.cdiv(cout, block_c))](
         dz, p, dp, part_db, coef, coef, coef, M, cout, tiles_per_prog, *dz_rows.args(), dz.stride(1),
-        DZ_DIMS=dz_rows.dims, ACT=act, TRAIN=train, STORE_DP=True, BLOCK_M=block_m, BLOCK_C=block_c)
+        DZ_DIMS=dz_rows.dims, ACT=act, TRAIN=train, STORE_DP=True, BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=_ROWWISE_WARPS)
     db = sum_rows(part_db, dtype=weight.dtype) if need_db else x.new_empty(0)
     dx = x.new_empty(0)
     if need_dx:  # dr[m, cin] = sum_cout dp[m, cout] weight[cout, cin]
@@ -497,7 +622,7 @@ def input_grad(dz: Tensor, p: Tensor, x: Tensor, weight: Tensor, coef: Tensor, a
         gemm(dp, _linear(cout), 1, weight, _linear(s_wo), s_wi, dx, _pixels(dx), dx.stride(1), M, cin, cout)
     dw = x.new_empty(0)
     if need_dw:  # dW[cout, cin] = sum_m dp[m, cout] x[m, cin]: K = M, split when the output is small
-        split = _split_k(triton.cdiv(cout, 128) * triton.cdiv(cin, 128), M, dev)
+        split = _split_k(cout, cin, M, x.dtype, dev)
         if split == 1:
             dw = empty((cout, cin), dtype=weight.dtype, device=dev)
             gemm(dp, _linear(1), cout, x, _pixels(x), x.stride(1), dw, _linear(cin), 1, cout, cin, M)
