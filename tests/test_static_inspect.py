@@ -187,3 +187,17 @@ def test_ceilings_are_one_table():
         (132, 1.98e9, 4.3e12, 788e12, 67e12)
     assert H200.l2_bytes == 60 * 2 ** 20 and H200.smem_per_sm == 228 * 1024 and H200.regs_per_sm == 65536
     assert H200.threads_per_sm == 2048
+
+
+def test_tensor_bound_counts_the_last_partial_wave():
+    """288 blocks on 132 SMs x 2 slots: the tensor-bound time is two full waves', the floor is not."""
+    from convmixer_kernels.static import predict
+    from convmixer_kernels.static.ceilings import H200
+
+    occ = predict.Occupancy(blocks_per_sm=2, warps_per_sm=16, occupancy=0.25, factor=1.0, limiter="registers")
+    flops = 2.0 * 1536 * 1536 * 65536
+    ideal = flops / H200.tensor_bf16_flops * 1e6
+    b = predict.bounds({"total": 0}, 8, 288, occ, 0.0, flops, 0.0)
+    assert b["tensor_us"] == pytest.approx(ideal * 2 / (288 / 264)) and b["floor_us"] == pytest.approx(ideal)
+    full = predict.bounds({"total": 0}, 8, 264 * 5, occ, 0.0, flops, 0.0)
+    assert full["tensor_us"] == pytest.approx(ideal)

@@ -7,7 +7,9 @@
   shared-memory results, 4 resident warps per scheduler are taken as enough to issue every clock,
   fewer scale the rate down linearly (1 warp per scheduler: a quarter of the rate);
 * FMA-bound: issued FFMA (and HFMA2 at twice the rate) x 32 lanes x 2 FLOP over the fp32 FMA peak;
-* tensor-bound: the kernel's useful tensor-core FLOPs over the bf16 dense peak;
+* tensor-bound: the kernel's useful tensor-core FLOPs over the bf16 dense peak, times
+  ceil(waves) / waves: blocks run in waves of (SMs x resident blocks per SM), and a partly filled
+  last wave leaves tensor cores idle (288 blocks on 264 slots take two full waves' time);
 * DRAM-bound: the bytes the kernel must move (``trips.Plan`` reads + writes) over copy bandwidth.
 
 The floor is max(DRAM-bound, useful FMAs / FMA peak, tensor-bound); % of roofline = floor / predicted.
@@ -56,16 +58,17 @@ def bounds(dyn_per_warp: Dict[str, float], num_warps: int, programs: int, occ: O
     factor = occ.factor if occ.blocks_per_sm > 0 else float("nan")
     issue = per_program * busiest / (ceil.schedulers_per_sm * ceil.clock_hz * factor) if per_program else 0.0
     ffma = (dyn_per_warp.get("FFMA", 0) + 0.5 * dyn_per_warp.get("HFMA2", 0)) * num_warps * programs
+    waves = programs / (ceil.sms * occ.blocks_per_sm) if occ.blocks_per_sm else float("inf")
+    tail = math.ceil(waves) / waves if 0 < waves < float("inf") else 1.0
     t = {
         "issue_us": issue * 1e6,
         "fma_us": ffma * 32 * 2 / ceil.fma_fp32_flops * 1e6,
-        "tensor_us": mma_flops / ceil.tensor_bf16_flops * 1e6,
+        "tensor_us": mma_flops / ceil.tensor_bf16_flops * 1e6 * tail,
         "dram_us": dram_bytes / ceil.dram_bytes_per_s * 1e6,
     }
     bound = max(t, key=t.get)
     predicted = t[bound]
-    floor = max(t["dram_us"], 2 * fma / ceil.fma_fp32_flops * 1e6, t["tensor_us"])
-    waves = programs / (ceil.sms * occ.blocks_per_sm) if occ.blocks_per_sm else float("inf")
+    floor = max(t["dram_us"], 2 * fma / ceil.fma_fp32_flops * 1e6, mma_flops / ceil.tensor_bf16_flops * 1e6)
     return dict(t, predicted_us=predicted, bound=bound.replace("_us", ""), floor_us=floor,
                 roofline_pct=100.0 * floor / predicted if predicted > 0 else 0.0, waves=waves,
                 warp_instructions=per_program * programs)

@@ -72,7 +72,8 @@ ASSUMPTIONS = [
     "of forward branches counted",
     "issue-bound: warp-instructions of the busiest SM / (4 schedulers x 1.98 GHz x occupancy factor), factor = "
     "min(1, resident warps per scheduler / 4)",
-    "FMA-bound: issued FFMA x 64 FLOP / 67 TFLOP/s; tensor-bound: useful GEMM FLOPs / 788 TFLOP/s",
+    "FMA-bound: issued FFMA x 64 FLOP / 67 TFLOP/s; tensor-bound: useful GEMM FLOPs / 788 TFLOP/s, "
+    "times ceil(waves) / waves (a partly filled last wave of blocks leaves tensor cores idle)",
     "DRAM-bound: each tensor a kernel must read or write moved once / 4.3 TB/s (halos, scratch and operand "
     "re-reads assumed to hit L2; reported separately)",
     "predicted = max of the four; floor = max(DRAM-bound, useful FMAs / FMA peak, tensor-bound); launch gaps, "
