@@ -201,3 +201,71 @@ def test_tensor_bound_counts_the_last_partial_wave():
     assert b["tensor_us"] == pytest.approx(ideal * 2 / (288 / 264)) and b["floor_us"] == pytest.approx(ideal)
     full = predict.bounds({"total": 0}, 8, 264 * 5, occ, 0.0, flops, 0.0)
     assert full["tensor_us"] == pytest.approx(ideal)
+
+
+# ------------------------------------------------------------------ the CUDA extension's launches (plan.h + nvcc)
+
+_cuda_missing = None
+try:
+    from convmixer_kernels.static import cuda_plans
+
+    _cuda_missing = cuda_plans.missing_tools()
+except Exception as e:  # pragma: no cover
+    _cuda_missing = f"{type(e).__name__}: {e}"
+NEEDS_CUDA_TOOLS = pytest.mark.skipif(bool(_cuda_missing), reason=f"CUDA extension inspection: {_cuda_missing}")
+
+
+@pytest.fixture(scope="module")
+def cuda_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cmk-static-cache"))
+
+
+@NEEDS_CUDA_TOOLS
+def test_cuda_planner_builds_and_its_grid_matches_a_hand_count(cuda_cache, monkeypatch):
+    """plan.h through the g++-built planner, N=2, C=64, 8x8, k=5, bf16, channels_last, 132 SMs."""
+    monkeypatch.setenv("CMK_STATIC_CACHE", cuda_cache)
+    exe = cuda_plans.planner_binary()
+    assert os.path.dirname(exe) == cuda_cache and os.access(exe, os.X_OK)
+    pl = cuda_plans.plans(2, 64, 8, 8, 5, 5, "bf16", True)
+    f, b, e = pl["forward"], pl["backward"], pl["elementwise"]
+    # forward: 32 channels x 8x16 tile -> 1x1 tiles per image, 2 channel groups; K=5 compile-time path
+    assert (f["tiles"], f["channel_groups"], f["blocks"], f["threads"], f["kernel_k"]) == (2, 2, 4, 256, 5)
+    # smem: x halo 32 ch x (8+4) rows x 20 floats, weights 5x5 x (32+1), statistics 8 strips x 32 x 3
+    assert f["smem_bytes"] == 4 * (32 * 12 * 20 + 25 * 33 + 8 * 32 * 3)
+    # backward: 16 channels x 16x16 -> 2 tiles, 4 channel groups; 4*132 target blocks -> 2 groups of 1 tile
+    assert (b["tiles"], b["channel_groups"], b["groups"], b["tiles_per_group"], b["blocks"]) == (2, 4, 2, 1, 8)
+    assert b["error"] is None and not b["large_tile"]
+    # elementwise: 32 slots x 8 channels (16-byte loads), 8 lanes; 128 positions -> one chunk
+    assert (e["vec"], e["lanes"], e["channels_per_block"], e["tiles"], e["blocks"]) == (8, 8, 256, 1, 1)
+    assert cuda_plans.plans(2, 64, 32, 32, 41, 41, "bf16", True)["backward"]["error"].startswith("the kernel is too wide")
+
+
+@NEEDS_CUDA_TOOLS
+def test_cuda_kernels_of_a_small_workload_get_predicted_times(cuda_cache):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["CMK_STATIC_CACHE"] = cuda_cache
+    out = subprocess.run([sys.executable, "-m", "convmixer_kernels", "inspect", "--backend", "cuda", "--json", "-",
+                          "--dim", "64", "--depth", "2", "--batch", "2", "--image-size", "16", "--patch-size", "2",
+                          "--kernel-size", "5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    ks = r["cuda_extension"]["kernels"]
+    assert [(k["phase"], k["kernel"]) for k in ks] == [
+        ("forward (training)", "depthwise_forward_kernel"), ("forward (eval)", "depthwise_forward_kernel"),
+        ("forward (training)", "batchnorm_combine_kernel"), ("forward (training)", "depthwise_apply_kernel"),
+        ("backward", "depthwise_grad_reduce_kernel"), ("backward", "depthwise_backward_kernel")]
+    plans = r["cuda_extension"]["plans"]
+    for k in ks:
+        assert k["backend"] == "cuda" and "error" not in k and "compile_error" not in k, k
+        assert k["registers"] > 0 and k["predicted_us"] > 0 and k["mix_per_warp"]["total"] > 0 and k["loops_matched"]
+        assert k["predicted_us"] == pytest.approx(max(k["issue_us"], k["fma_us"], k["tensor_us"], k["dram_us"]))
+        assert 0 < k["roofline_pct"] <= 100.0 + 1e-6 and k["blocks_per_sm"] >= 1 and k["spill_bytes"] == 0
+    assert ks[0]["grid"][0] == plans["forward"]["blocks"] and ks[-1]["grid"][0] == plans["backward"]["blocks"]
+    assert ks[0]["instance"] == "depthwise_forward_kernel<Tile<true, 32, 8, 16, 16>, __nv_bfloat16, 5>"
+    conv = ks[0]
+    assert conv["useful_fma"] == 2 * 64 * 8 * 8 * 25 and conv["mix_per_warp"]["FFMA"] > 0
+    blocks = {b["phase"]: b for b in r["blocks"] if b.get("backend") == "cuda"}
+    assert blocks["forward+backward (training)"]["predicted_us"] > 0
+    assert blocks["backward"]["predicted_us"] == pytest.approx(sum(k["predicted_us"] for k in ks[4:]))
+    assert r["cuda_extension"]["functions"] and r["cuda_extension"]["label"] == "static prediction, not a measurement"

@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     parser.add_argument("--backend", default="all", choices=["all", "triton", "cuda"],
-                        help="whose kernels to inspect (cuda: csrc/kernels through nvcc, resources only)")
+                        help="whose kernels to inspect (cuda: the extension's launches planned by csrc/kernels/plan.h through a g++-built "
+                             "planner, their instances through nvcc; needs g++, nvcc and cuobjdump)")
     parser.add_argument("--all-configs", action="store_true", help="also compile every autotune candidate")
     parser.add_argument("--json", metavar="FILE", default=None, help="write every figure as JSON ('-': stdout)")
 

@@ -11,6 +11,8 @@ a predicted time per kernel. Modules:
 * ``launches``  the one adapter to the package's launchers: records (kernel, grid, args, constexprs,
   warps, stages) instead of launching
 * ``trips``     per-kernel loop trip counts, useful work and DRAM bytes, derived from a launch
+* ``cuda_plans`` the CUDA extension's launches: grids from csrc/kernels/plan.h (a g++-built planner, cached under
+  build/cmk-static/), the instances compiled alone with nvcc, loop trips by role, bytes from the plan
 * ``toolchain`` ptxas / cuobjdump / nvcc discovery, ahead-of-time compilation, ``ptxas -v`` parsing
 * ``sass``      SASS parsing: instructions, classes, loops (backward branches), dynamic mix
 * ``predict``   occupancy, the four bounds, the predicted time per kernel

@@ -78,6 +78,9 @@ ASSUMPTIONS = [
     "re-reads assumed to hit L2; reported separately)",
     "predicted = max of the four; floor = max(DRAM-bound, useful FMAs / FMA peak, tensor-bound); launch gaps, "
     "latency chains and cache misses are not modelled",
+    "CUDA extension (--backend cuda/all): grids from csrc/kernels/plan.h (compiled with g++), each used kernel "
+    "instance compiled alone with nvcc -arch=sm_90; SASS loops matched by role (staging, tile, row-group loops) with "
+    "trips from the plan; vector/scalar staging resolved from the plan, the training/eval epilogues both counted",
     "training step = depth x (depthwise block + pointwise block, forward training + backward); stem, head and "
     "optimizer not included",
 ]
@@ -199,7 +202,7 @@ def inspect_workload(w: Workload, backends=("triton", "cuda"), all_configs: bool
                 if progress:
                     progress(f"{launch.phase}: {launch.kernel} grid {launch.grid}")
                 result["kernels"].append(dict(kernel_record(launch, cache), backend="triton"))
-        result["blocks"] = block_summaries(result["kernels"], shape, eager)
+        result["blocks"] = [dict(b, backend="triton") for b in block_summaries(result["kernels"], shape, eager)]
         per_layer = sum(b["predicted_us"] for b in result["blocks"] if b["phase"] == "forward+backward (training)")
         floor = sum(b["floor_us"] for b in result["blocks"] if b["phase"] == "forward+backward (training)")
         dram = sum(b["dram_bytes"] for b in result["blocks"] if b["phase"] == "forward+backward (training)")
@@ -224,8 +227,92 @@ def inspect_workload(w: Workload, backends=("triton", "cuda"), all_configs: bool
             "peak_saved_fused_bytes": w.depth * fused_layer, "peak_saved_eager_bytes": w.depth * eager_layer,
             "peak_ratio": fused_layer / eager_layer if eager_layer else None, "target_peak_ratio": 0.5}
     if "cuda" in backends:
-        result["cuda_extension"] = cuda_extension()
+        result["cuda_extension"] = cuda_launches(w, shape, progress)
+        result["blocks"] += cuda_block_summaries(result["cuda_extension"].get("kernels", []), shape, eager)
     return result
+
+
+def cuda_block_summaries(kernels: List[dict], shape: launches.Shape, eager: Dict[str, dict]) -> List[dict]:
+    """Per-phase sums of the CUDA launches (``"backend": "cuda"``); a phase the planner refuses ("too wide") or
+    that does not compile is reported with its reason instead of a number."""
+    ok = [k for k in kernels if "predicted_us" in k]
+    bad = {}
+    for k in kernels:
+        if "predicted_us" not in k:
+            bad.setdefault(k["phase"], k.get("error") or k.get("compile_error"))
+    if "forward (training)" in bad or "backward" in bad:
+        bad["forward+backward (training)"] = bad.get("forward (training)") or bad.get("backward")
+    out = [dict(b, backend="cuda") for b in block_summaries(ok, shape, eager) if b["phase"] not in bad]
+    for phase, why in bad.items():
+        out.append({"block": "dw_block", "phase": phase, "backend": "cuda", "error": why, "kernels": 0,
+                    "predicted_us": None, "floor_us": None})
+    return out
+
+
+def cuda_launches(w: Workload, shape: launches.Shape, progress=None) -> dict:
+    """The CUDA extension's launches of one depthwise-block training step (and the eval forward), planned by
+    csrc/kernels/plan.h (a g++-built planner), each instance compiled alone with nvcc for sm_90: resources, dynamic
+    mix (loop roles x plan trips, static/cuda_plans.py), bytes from the plan, predicted time."""
+    from . import cuda_plans
+
+    reason = cuda_plans.missing_tools()
+    if reason:
+        return {"error": reason}
+    try:
+        ls, pl = cuda_plans.launches(shape, w.dtype)
+        if progress:
+            progress(f"cuda: {len(set(l.instance for l in ls))} kernel instances (nvcc sm_90)")
+        compiled = cuda_plans.compile_instances([l.instance for l in ls if not l.error])
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+    out = []
+    for l in ls:
+        rec = {"backend": "cuda", "block": "dw_block", "phase": l.phase, "kernel": l.kernel, "instance": l.instance,
+               "role": l.role, "grid": [l.blocks, 1, 1], "programs": l.blocks, "threads": l.threads, "num_warps": l.threads // 32,
+               "num_stages": None, "candidate": False, "constexprs": {}, "plan": l.plan}
+        if l.error:
+            rec["error"] = l.error
+            out.append(rec)
+            continue
+        got = compiled.get(l.instance)
+        if got is None:
+            rec["compile_error"] = f"instance {l.instance} not found in the nvcc output"
+            out.append(rec)
+            continue
+        c, func = got
+        matched = cuda_plans.cuda_trips(func, l, shape, pl["vec_ok"])
+        dyn = func.dynamic_mix()
+        smem = l.smem + c.resources.static_smem
+        occ = predict.occupancy(c.resources.registers, smem, l.threads // 32)
+        wk = cuda_plans.work(l, shape, w.dtype)
+        b = predict.bounds(dyn, l.threads // 32, l.blocks, occ, wk["fma"], 0.0, wk["dram"])
+        ffma = dyn.get("FFMA", 0) + dyn.get("HFMA2", 0)
+        rec.update({
+            "what": wk["what"], "function": c.name, "registers": c.resources.registers,
+            "spill_bytes": c.resources.spill_bytes, "stack_bytes": c.resources.stack, "smem_bytes": smem,
+            "barriers": c.resources.barriers, "blocks_per_sm": occ.blocks_per_sm, "occupancy": occ.occupancy,
+            "occupancy_factor": occ.factor, "occupancy_limiter": occ.limiter,
+            "static_instructions": func.static_mix()["total"], "loops": [lp.as_dict() for lp in func.loops],
+            "loops_matched": matched, "mix_per_warp": {k: v for k, v in dyn.items() if v},
+            "instr_per_ffma": dyn["total"] / ffma if ffma else None, "useful_fma": wk["fma"], "mma_flops": 0.0,
+            "issued_fma_per_useful": (ffma * l.threads * l.blocks / wk["fma"]) if wk["fma"] else None,
+            "dram_bytes": wk["dram"], "l2_extra_bytes": None, **b, "hgmma": False,
+            "local_memory_in_loops": _local_in_loops(func)})
+        out.append(rec)
+    functions = [{"function": k["function"], "instance": k["instance"], "source": "csrc/kernels (instance compiled alone)",
+                  "registers": k["registers"], "spill_bytes": k["spill_bytes"], "stack_bytes": k["stack_bytes"],
+                  "static_smem_bytes": k["smem_bytes"] - k["plan"].get("smem_bytes", 0) if k["role"] != "combine"
+                  else k["smem_bytes"], "static_instructions": k["static_instructions"], "loops": k["loops"]}
+                 for k in out if "registers" in k]
+    seen, uniq = set(), []
+    for f in functions:
+        if f["function"] not in seen:
+            seen.add(f["function"])
+            uniq.append(f)
+    return {"kernels": out, "functions": uniq, "plans": pl, "label": LABEL,
+            "note": "grids from csrc/kernels/plan.h (g++ planner); trips by loop role (static/cuda_plans.py); "
+                    "runtime branches (training/eval epilogues, vector/scalar staging) resolved where the plan "
+                    "decides them, other forward branches counted both ways"}
 
 
 def cuda_extension(csrc: Optional[str] = None) -> dict:
@@ -279,6 +366,8 @@ def format_report(r: dict) -> str:
     lines += ["", f"{'block':<10}{'phase':<30}{'pred us':>9}{'floor us':>9}{'passes':>8}{'budget':>7}{'eager':>7}",
               "-" * 80]
     for b in r["blocks"]:
+        if b.get("backend") == "cuda":
+            continue
         ev = b.get("eager_passes_counted")
         lines.append(f"{b['block']:<10}{b['phase']:<30}{b['predicted_us']:>9.1f}{b['floor_us']:>9.1f}"
                      f"{b['passes']:>8.2f}{str(b.get('budget_passes') or '-'):>7}"
@@ -293,7 +382,32 @@ def format_report(r: dict) -> str:
         lines.append(f"saved for backward per layer: fused {m['saved_per_layer_fused_units']:.2f} tensors, eager "
                      f"{m['saved_per_layer_eager_units']:.2f} ({m['peak_ratio']:.2f}x; target <= 0.5x)")
     ce = r.get("cuda_extension")
-    if ce:
+    if ce and "kernels" in ce:
+        lines += ["", f"CUDA extension (csrc/kernels, nvcc sm_90; grids from plan.h), {LABEL}:", head, "-" * len(head)]
+        for k in ce["kernels"]:
+            ph = f"dw {k['phase']}"
+            grid = str(k["grid"][0])
+            name = k["kernel"].replace("depthwise_", "").replace("_kernel", "")
+            if "error" in k:
+                lines.append(f"{ph:<22}{name:<20}{'-':>11}  NOT RUN: {k['error']}")
+                continue
+            if "compile_error" in k:
+                lines.append(f"{ph:<22}{name:<20}{grid:>11}  COMPILE ERROR: {k['compile_error'][:80]}")
+                continue
+            ipf = f"{k['instr_per_ffma']:.1f}" if k.get("instr_per_ffma") else "-"
+            lines.append(f"{ph:<22}{name:<20}{grid:>11}{k['registers']:>5}{k['spill_bytes']:>6}{k['smem_bytes']:>7}"
+                         f"{k['blocks_per_sm']:>7}{k['occupancy']:>5.2f}{ipf:>10}{k['predicted_us']:>9.1f}{k['bound']:>8}"
+                         f"{k['floor_us']:>9.1f}{k['roofline_pct']:>6.0f}" + ("" if k["loops_matched"] else "  (loops?)"))
+        cb = [b for b in r["blocks"] if b.get("backend") == "cuda"]
+        if cb:
+            lines += ["", f"{'block':<10}{'phase (cuda)':<30}{'pred us':>9}{'floor us':>9}{'passes':>8}{'budget':>7}", "-" * 73]
+            for b in cb:
+                if b.get("error"):
+                    lines.append(f"{b['block']:<10}{b['phase']:<30}  NOT RUN: {b['error']}")
+                    continue
+                lines.append(f"{b['block']:<10}{b['phase']:<30}{b['predicted_us']:>9.1f}{b['floor_us']:>9.1f}"
+                             f"{b['passes']:>8.2f}{str(b.get('budget_passes') or '-'):>7}")
+    elif ce:
         if "error" in ce:
             lines.append(f"CUDA extension: not inspected: {ce['error'].splitlines()[0][:200]}")
         else:
