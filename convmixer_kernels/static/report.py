@@ -290,6 +290,7 @@ def cuda_launches(w: Workload, shape: launches.Shape, progress=None) -> dict:
         rec.update({
             "what": wk["what"], "function": c.name, "registers": c.resources.registers,
             "spill_bytes": c.resources.spill_bytes, "stack_bytes": c.resources.stack, "smem_bytes": smem,
+            "static_smem_bytes": c.resources.static_smem, "dynamic_smem_bytes": l.smem,
             "barriers": c.resources.barriers, "blocks_per_sm": occ.blocks_per_sm, "occupancy": occ.occupancy,
             "occupancy_factor": occ.factor, "occupancy_limiter": occ.limiter,
             "static_instructions": func.static_mix()["total"], "loops": [lp.as_dict() for lp in func.loops],
@@ -301,8 +302,7 @@ def cuda_launches(w: Workload, shape: launches.Shape, progress=None) -> dict:
         out.append(rec)
     functions = [{"function": k["function"], "instance": k["instance"], "source": "csrc/kernels (instance compiled alone)",
                   "registers": k["registers"], "spill_bytes": k["spill_bytes"], "stack_bytes": k["stack_bytes"],
-                  "static_smem_bytes": k["smem_bytes"] - k["plan"].get("smem_bytes", 0) if k["role"] != "combine"
-                  else k["smem_bytes"], "static_instructions": k["static_instructions"], "loops": k["loops"]}
+                  "static_smem_bytes": k["static_smem_bytes"], "static_instructions": k["static_instructions"], "loops": k["loops"]}
                  for k in out if "registers" in k]
     seen, uniq = set(), []
     for f in functions:
