@@ -320,23 +320,30 @@ from convmixer_kernels.ops.triton import batchnorm as TB
 from convmixer_kernels.ops.triton import common as TC
 from convmixer_kernels.ops.triton import depthwise as D
 
-def build(fn, dtype, consts, unit_strides=()):
+def build(fn, dtype, consts, unit_strides=(), f32_scratch=False):
     sig, constexprs = {}, {}
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     for name in fn.arg_names:
+        if name == "scratch_ptr":
+            sig[name] = "*fp32" if f32_scratch else dtype
+            continue
         if name in consts or name in unit_strides:  # launches specialize strides equal to 1 the same way
             sig[name], constexprs[name] = "constexpr", consts.get(name, 1)
         else:
-            sig[name] = (dtype if name in ("x_ptr", "wt_ptr", "b_ptr", "a_ptr", "y_ptr", "dy_ptr", "dx_ptr")
+            sig[name] = (dtype if name in ("x_ptr", "b_ptr", "a_ptr", "y_ptr", "dy_ptr", "dx_ptr", "da_ptr")
                          else "*fp32") if name.endswith("_ptr") else ("fp32" if name == "eps" else "i32")
     compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
 
 for dtype, (k, train, int64, act) in itertools.product(["*bf16", "*fp32"], [(9, True, False, 0), (4, False, True, 2)]):
     common = dict(TH=8, TW=8, BLOCK_C=32, INT64=int64, ACT=act)
     conv = dict(common, KH=k, KW=k, PT=(k - 1) // 2, PL=(k - 1) // 2)
-    build(D._conv_kernel, dtype, dict(conv, HAS_BIAS=True, TRAIN=train, STORE_A=True), ("sxc", "soc"))
+    pairs = dtype == "*bf16"  # bf16 windows read as int32 channel pairs
+    build(D._conv_kernel, dtype, dict(conv, HAS_BIAS=True, TRAIN=train, STORE_A=True, PAIRS=pairs), ("sxc", "soc"))
     build(D._apply_kernel, dtype, common, ("sxw", "sow"))
     build(D._reduce_kernel, dtype, common)
-    build(D._input_grad_kernel, dtype, dict(conv, TRAIN=train, NEED_DX=True, NEED_DW=True), ("sgc", "soc", "sxc"))
+    build(D._input_grad_kernel, dtype, dict(conv, TRAIN=train, NEED_DX=True, STORE_DA=True), ("sgc", "soc"),
+          f32_scratch=True)
+    build(D._weight_grad_kernel, dtype, dict(conv, G=min(k, 9), TH=4, TW=8, PAIRS=pairs), ("sdc", "sxc"))
 build(TC._sum_rows_kernel, "*fp32", dict(BLOCK=128, SPLIT=8))
 build(TB._finalize_kernel, "*fp32", dict(HAS_WEIGHT=True, HAS_BIAS=True, SPLIT=32, BLOCK_C=32))
 print("compiled")

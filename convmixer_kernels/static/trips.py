@@ -48,16 +48,34 @@ def _nchw(t):
     return n, c, h, w
 
 
+def _rows_reached(size, tile, k, pad, flipped=False):
+    """Average over tile origins of the tap rows (or columns) a depthwise tile loop visits: those whose
+    input rows meet the map for some pixel of the tile (ops/triton/depthwise.py skips the others)."""
+    total, origins = 0, list(range(0, size, tile))
+    for o in origins:
+        if flipped:  # dx: da rows h + pad - i
+            lo, hi = max(o + pad - (size - 1), 0), min(o + tile - 1 + pad + 1, k)
+        else:
+            lo, hi = max(pad - o - (tile - 1), 0), min(size + pad - o, k)
+        total += max(hi - lo, 0)
+    return total / len(origins)
+
+
 def _conv(c, a, grid):
     n, ch, h, w = _nchw(a["x_ptr"])
-    kh, kw = c["KH"], c["KW"]
+    kh, kw, th, tw = c["KH"], c["KW"], c["TH"], c["TW"]
     reads = ["x_ptr", "wt_ptr"] + (["b_ptr"] if c["HAS_BIAS"] else [])
     writes = (["a_ptr"] if c["STORE_A"] else []) + (["part_ptr"] if c["TRAIN"] else ["y_ptr"])
     if not c["TRAIN"]:
         reads += ["scale_ptr", "shift_ptr"]
-    halo = ((c["TH"] + kh - 1) * (c["TW"] + kw - 1) / (c["TH"] * c["TW"]) - 1) * a["x_ptr"].nbytes
-    return Plan([Loop(kh, [Loop(kw, name="KW")], name="KH")], fma=n * ch * h * w * kh * kw, reads=reads,
-                writes=writes, l2_bytes=halo,
+    region, tile = (th + kh - 1) * (tw + kw - 1), th * tw
+    halo = (region / tile - 1) * a["x_ptr"].nbytes
+    staged = 2 * region / tile * a["x_ptr"].nbytes  # the window written to and read back from the scratch slot
+    per_prog = a["T"] / grid[0]
+    body = [Loop(cdiv(region, tile), name="stage tile + halo"),
+            Loop(_rows_reached(h, th, kh, c["PT"]), name="tap rows (KW unrolled)")]
+    return Plan([Loop(per_prog, body, name="tiles of this program")], fma=n * ch * h * w * kh * kw, reads=reads,
+                writes=writes, l2_bytes=halo + staged,
                 what="a = dwconv(x) + b" + (", tile statistics of act(a)" if c["TRAIN"] else ", y = act(a)*s + t + x"))
 
 
@@ -66,28 +84,40 @@ def _dw_apply(c, a, grid):
 
 
 def _reduce(c, a, grid):
-    return Plan([], reads=["dy_ptr", "a_ptr", "mean_ptr", "rstd_ptr"], writes=["part_ptr"],
-                what="per-tile sum(dy), sum(dy*xhat)")
+    return Plan([Loop(a["items_per_chunk"], name="tiles of the chunk")],
+                reads=["dy_ptr", "a_ptr", "mean_ptr", "rstd_ptr"], writes=["part_ptr"],
+                what="per-chunk sum(dy), sum(dy*xhat)")
 
 
 def _input_grad(c, a, grid):
-    n, ch, h, w = _nchw(a["x_ptr"])
+    n, ch, h, w = _nchw(a["dy_ptr"])
     kh, kw, th, tw = c["KH"], c["KW"], c["TH"], c["TW"]
     region, tile = (th + kh - 1) * (tw + kw - 1), th * tw
-    per_prog = cdiv(a["n_items"], grid[0])
+    per_prog = a["n_items"] / grid[0]
     body = [Loop(cdiv(region, tile), name="da over tile + halo")]
     if c["NEED_DX"]:
-        body.append(Loop(kh, [Loop(kw, name="KW")], name="dx KH"))
-    if c["NEED_DW"]:
-        body.append(Loop(kh, [Loop(kw, name="KW")], name="dw KH"))
-    fma = n * ch * h * w * kh * kw * (int(c["NEED_DX"]) + int(c["NEED_DW"]))
-    reads = ["dy_ptr", "a_ptr", "x_ptr", "wt_ptr", "coef_ptr"]
-    writes = (["dx_ptr"] if c["NEED_DX"] else []) + ["dwp_ptr", "dbp_ptr"]
-    halo = (region / tile - 1) * (a["dy_ptr"].nbytes + a["a_ptr"].nbytes + a["x_ptr"].nbytes)
+        body.append(Loop(_rows_reached(h, th, kh, c["PT"], flipped=True), name="dx tap rows (KW unrolled)"))
+    fma = n * ch * h * w * kh * kw * int(c["NEED_DX"])
+    reads = ["dy_ptr", "a_ptr", "wt_ptr", "coef_ptr"]
+    writes = (["dx_ptr"] if c["NEED_DX"] else []) + (["da_ptr"] if c["STORE_DA"] else [])
+    halo = (region / tile - 1) * (a["dy_ptr"].nbytes + a["a_ptr"].nbytes)
     scratch = 2 * region / tile * n * ch * h * w * 4  # da written and read back per tile
-    partials = 2 * a["n_items"] * grid[1] * (kh * kw + 1) * c["BLOCK_C"] * 4  # dw/db read-modify-write per tile
     return Plan([Loop(per_prog, body, name="tiles of this program")], fma=fma, reads=reads, writes=writes,
-                l2_bytes=halo + scratch + partials, what="da recomputed with halo; dx = dy + dwconv^T(da); dw, db partials")
+                l2_bytes=halo + scratch, what="da recomputed with halo; dx = dy + dwconv^T(da); da stored once")
+
+
+def _weight_grad(c, a, grid):
+    n, ch, h, w = _nchw(a["x_ptr"])
+    kh, kw, th, tw, g = c["KH"], c["KW"], c["TH"], c["TW"], c["G"]
+    band, tile = th * (tw + g - 1), th * tw
+    programs = grid[0] * grid[1] * grid[2]
+    staged = programs * a["items_per_chunk"] * band * c["BLOCK_C"] * a["x_ptr"].nbytes / a["x_ptr"].nbytes
+    el = a["x_ptr"].nbytes / max(n * ch * h * w, 1)
+    # x band staged per tap row and column group (L2 re-reads) plus the da tile re-read per program
+    l2 = staged * el * 2 + (grid[1] - 1) * a["da_ptr"].nbytes
+    return Plan([Loop(a["items_per_chunk"], [Loop(cdiv(band, tile), name="stage x band")], name="tiles of the chunk")],
+                fma=n * ch * h * w * kh * kw, reads=["da_ptr", "x_ptr"], writes=["dwp_ptr", "dbp_ptr"], l2_bytes=l2,
+                what="dw, db partials per chunk from the stored da and x (G register accumulators per program)")
 
 
 def _sum_rows(c, a, grid):
@@ -137,6 +167,7 @@ PLANS: Dict[str, Callable] = {
     "_apply_kernel": lambda c, a, g: _dw_apply(c, a, g) if "x_ptr" in a else _pw_apply(c, a, g),
     "_reduce_kernel": _reduce,
     "_input_grad_kernel": _input_grad,
+    "_weight_grad_kernel": _weight_grad,
     "_sum_rows_kernel": _sum_rows,
     "_finalize_kernel": _finalize,
     "_gemm_kernel": _gemm,

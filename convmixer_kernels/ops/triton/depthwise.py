@@ -4,21 +4,32 @@ Kernels (top) and the contract's launchers (bottom). One unit = one read or writ
 N*C*H*W tensor:
 
 * training forward (5): ``conv_stats`` (``_conv_kernel``) reads x, stores the pre-activation a
-  and per-tile statistics of act(a); ``finalize`` combines them in a fixed order; ``apply``
+  and per-program statistics of act(a); ``finalize`` combines them in a fixed order; ``apply``
   (``_apply_kernel``) reads a and x, writes y.
 * eval forward (2, or 3 when a is kept for a backward): ``conv_apply``, one ``_conv_kernel``
   launch reads x and writes y.
-* backward (6): ``grad_sums`` (``_reduce_kernel``) reads dy and a for sum(dy) and sum(dy * xhat);
-  ``input_grad`` (``_input_grad_kernel``) recomputes da = act'(a) * BN_bwd(dy) over each tile and
-  its halo once (into a small per-program scratch, sized to stay in L1/L2), then reads it back
-  shifted for dx = dy + dwconv^T(da), and multiplies it with shifted x for per-program partials
-  of dw and db, summed afterwards by ``common.sum_rows`` in a fixed order.
+* backward (8): ``grad_sums`` (``_reduce_kernel``) reads dy and a for sum(dy) and sum(dy * xhat);
+  ``input_grad``: ``_input_grad_kernel`` recomputes da = act'(a) * BN_bwd(dy) over each tile and
+  its halo once (into a small per-program scratch slot that stays in L1/L2), reads it back shifted
+  for dx = dy + dwconv^T(da), and stores each tile's own da once (x's dtype); then
+  ``_weight_grad_kernel`` reads da and x for per-chunk partials of dw and db (register
+  accumulators, one fixed-order reduction per program), summed by ``common.sum_rows`` in a fixed
+  order. The stored da costs 2 units over the design's 6 and takes the per-tap reductions and
+  partial read-modify-writes out of the dx kernel.
+
+The conv kernels (forward, dx) stage each tile's input window (tile + halo, zero padded,
+channel-fastest) into the program's scratch slot once; the taps then read it at compile-time
+offsets with no masks, column taps unrolled, rows reaching the map only, weights float32
+([channel blocks, KH*KW, BLOCK_C]); bf16 windows are read as int32 channel pairs and widened
+with one integer op per value. Persistent grids hold one wave: the resident programs per SM come
+from the compiled kernel's registers and shared memory (``_resident``).
 
 Tile shapes: fixed under the interpreter; on CUDA the conv and backward kernels try a few shapes
 on first use of a (shape, dtype, layout, kernel) through ``common.Autotuner``, except in
 deterministic mode (``tuning.autotune_enabled``). Every kernel takes the strides of each tensor
 it touches, so NCHW, channels_last and strided views run without copies; offsets switch to int64
-when a tensor spans 2**31 elements or more (``common.needs_int64``).
+when a tensor spans 2**31 elements or more (``common.needs_int64``). Every sum is in a fixed
+order (no atomics): bitwise-reproducible runs for a given GPU and configuration.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -30,8 +41,8 @@ import triton.language as tl
 from ..alloc import empty, empty_like, empty_output
 from ..batchnorm import SCALE, SHIFT, MEAN, RSTD
 from .activation import act_fwd, act_grad
-from .batchnorm import finalize, tile_stats  # noqa: F401  (finalize is part of this backend's contract)
-from .common import Autotuner, interpreting, needs_int64, num_sms, p2, sum_rows
+from .batchnorm import _chan, finalize  # noqa: F401  (finalize is part of this backend's contract)
+from .common import Autotuner, interpreting, needs_int64, num_sms, p2, static_active, sum_rows
 
 # ====================================================================== Triton kernels
 # A tile is TH x TW output pixels of one image (flattened to TH*TW rows of a 2D block) times
@@ -65,50 +76,144 @@ def _offsets(n, h, w, c, sn, sc, sh, sw):
 
 
 @triton.jit
-def _conv_kernel(x_ptr, wt_ptr, b_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, part_ptr,
+def _stage(src_ptr, slot, n, r0, q0, c, cmask, H, W, sn, sc, sh, sw,
+           ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """slot[(r*COLS + q)*BLOCK_C + cl] = src[n, c, r0 + r, q0 + q] for r < ROWS, q < COLS, in the slot's
+    dtype, zero outside the map and past C: the window a tile's taps read, channel-fastest whatever the
+    layout (vector loads of every tap), its zero padding written once so the taps need no masks."""
+    cl = tl.arange(0, BLOCK_C)
+    for s0 in range(0, ROWS * COLS, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        hh = r0 + s // COLS
+        ww = q0 + s % COLS
+        m = (s < ROWS * COLS) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        v = tl.load(src_ptr + n * sn + (hh * sh + ww * sw)[:, None] + (c * sc)[None, :],
+                    mask=m[:, None] & cmask[None, :], other=0.0)
+        tl.store(slot + s[:, None] * BLOCK_C + cl[None, :], v.to(slot.dtype.element_ty),
+                 mask=(s < ROWS * COLS)[:, None])
+
+
+@triton.jit
+def _tile_origin(item, tiles_w, tiles_per_img, TH: tl.constexpr, TW: tl.constexpr, INT64: tl.constexpr):
+    t = item % tiles_per_img
+    h0 = (t // tiles_w) * TH
+    w0 = (t % tiles_w) * TW
+    if INT64:
+        h0 = h0.to(tl.int64)
+        w0 = w0.to(tl.int64)
+    return h0, w0
+
+
+@triton.jit
+def _tap(acc_e, acc_o, s_ptr, w_ptr, PAIRS: tl.constexpr, HALF: tl.constexpr):
+    """acc += staged input * tap weight. PAIRS (bf16 scratch): the slot read as int32 channel pairs, each
+    half widened to float32 by one shift or mask (acc_e: even channels, acc_o: odd ones)."""
+    if PAIRS:
+        v = tl.load(s_ptr)
+        acc_e += (v << 16).to(tl.float32, bitcast=True) * tl.load(w_ptr)[None, :]
+        acc_o += (v & -65536).to(tl.float32, bitcast=True) * tl.load(w_ptr + HALF)[None, :]
+    else:
+        acc_e += tl.load(s_ptr).to(tl.float32) * tl.load(w_ptr)[None, :]
+    return acc_e, acc_o
+
+
+@triton.jit
+def _conv_kernel(x_ptr, wt_ptr, b_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, part_ptr, scratch_ptr,
                  C, H, W, T, tiles_w, tiles_per_img,
                  sxn, sxc, sxh, sxw, son, soc, soh, sow,
                  KH: tl.constexpr, KW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr, STORE_A: tl.constexpr,
-                 TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """a = dwconv(x) + b over one tile. TRAIN: store a and the tile's (count, mean, M2) of act(a)
-    into partials [3, T, C]. Eval: y = act(a) * scale + shift + x, storing a only if asked."""
-    pid_t = tl.program_id(0)
-    n, h, w, c, pmask, cmask = _tile(pid_t, tl.program_id(1), C, H, W, tiles_w, tiles_per_img,
-                                     TH, TW, BLOCK_C, INT64)
-    mask = pmask[:, None] & cmask[None, :]
-    x_img = x_ptr + n * sxn + (c * sxc)[None, :]
-    acc = tl.zeros((TH * TW, BLOCK_C), dtype=tl.float32)
-    for i in range(KH):
-        hh = h + (i - PT)
-        hok = pmask & (hh >= 0) & (hh < H)
-        x_row = x_img + (hh * sxh)[:, None]
-        for j in range(KW):
-            ww = w + (j - PL)
-            m = hok & (ww >= 0) & (ww < W)  # zero padding
-            xv = tl.load(x_row + (ww * sxw)[:, None], mask=m[:, None] & cmask[None, :], other=0.0)
-            wv = tl.load(wt_ptr + (i * KW + j) * C + c, mask=cmask, other=0.0)  # weight as [KH*KW, C]
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    # a is rounded to the activation dtype before use: statistics, y and the backward all see
-    # the stored value, so they agree with each other
-    a = acc.to(y_ptr.dtype.element_ty)
-    o_off = _offsets(n, h, w, c, son, soc, soh, sow)
-    if STORE_A:
-        tl.store(a_ptr + o_off, a, mask=mask)
-    g = act_fwd(a.to(tl.float32), ACT)
-    if TRAIN:
-        count, mean, m2 = tile_stats(g, mask, 0)
-        tl.store(part_ptr + pid_t * C + c, count, mask=cmask)
-        tl.store(part_ptr + (T + pid_t) * C + c, mean, mask=cmask)
-        tl.store(part_ptr + (2 * T + pid_t) * C + c, m2, mask=cmask)
+                 TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+                 PAIRS: tl.constexpr):
+    """a = dwconv(x) + b over tiles. TRAIN: store a, and the program's (count, mean, M2) of act(a) (over
+    all its tiles: per-element Welford in registers, one fixed-order Chan tree at the end) into row p
+    of partials [3, P, C]. Eval: y = act(a) * scale + shift + x, storing a only if asked.
+
+    Persistent: program (p, cb) walks tiles p, p + P, ... of channel block cb. Each tile's input window
+    (tile + halo) is staged once into the program's scratch slot (x's dtype, zero padded, channel-fastest),
+    then the taps read it back at compile-time offsets: column taps unrolled (``tl.static_range``),
+    tap rows a runtime loop over the rows that reach the map only, weights fp32 from ``wt``
+    ([channel blocks, KH*KW, BLOCK_C], zero-padded channels; PAIRS: even channels then odd ones), no
+    masks in the tap loop. PAIRS (bf16): channel pairs widened by integer ops (see ``_tap``).
+    """
+    HALF: tl.constexpr = BLOCK_C // 2
+    VEC: tl.constexpr = HALF if PAIRS else BLOCK_C  # scratch elements (int32 pairs or values) per pixel
+    RH: tl.constexpr = TH + KH - 1
+    RW: tl.constexpr = TW + KW - 1
+    TILE: tl.constexpr = TH * TW
+    SKIP_COLS: tl.constexpr = (PL >= TW) or (KW - 1 - PL >= TW)  # some column taps can miss a full tile wholly
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cb = tl.program_id(1)
+    cl = tl.arange(0, BLOCK_C)
+    slot = scratch_ptr + (cb * n_prog + pid).to(tl.int64) * (RH * RW * BLOCK_C)
+    p = tl.arange(0, TILE)
+    vl = tl.arange(0, VEC)
+    if PAIRS:
+        s_base = slot.to(tl.pointer_type(tl.int32), bitcast=True)
     else:
-        s = tl.load(scale_ptr + c, mask=cmask, other=0.0)
-        t = tl.load(shift_ptr + c, mask=cmask, other=0.0)
-        xc = tl.load(x_ptr + _offsets(n, h, w, c, sxn, sxc, sxh, sxw), mask=mask, other=0.0)
-        y = g * s[None, :] + t[None, :] + xc.to(tl.float32)
-        tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        s_base = slot
+    s_pix = s_base + ((p // TW) * RW + p % TW)[:, None] * VEC + vl[None, :]  # tap (0, 0) of pixel p
+    w_blk = wt_ptr + cb * (KH * KW * BLOCK_C) + vl
+    if TRAIN:  # per-element Welford over this program's tiles
+        cnt = tl.zeros((TILE,), dtype=tl.float32)
+        mean_e = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
+        m2_e = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
+    for item in range(pid, T, n_prog):
+        n, h, w, c, pmask, cmask = _tile(item, cb, C, H, W, tiles_w, tiles_per_img, TH, TW, BLOCK_C, INT64)
+        h0, w0 = _tile_origin(item, tiles_w, tiles_per_img, TH, TW, INT64)
+        tl.debug_barrier()  # the previous tile's taps have read the slot
+        _stage(x_ptr, slot, n, h0 - PT, w0 - PL, c, cmask, H, W, sxn, sxc, sxh, sxw, RH, RW, TILE, BLOCK_C)
+        tl.debug_barrier()  # the window was written by all threads and is read back shifted
+        acc_e = tl.zeros((TILE, VEC), dtype=tl.float32)
+        acc_o = tl.zeros((TILE, VEC), dtype=tl.float32)
+        # tap rows whose input rows meet the map for some pixel of the tile; the others read only zeros
+        i_lo = tl.maximum(PT - h0 - (TH - 1), 0)
+        i_hi = tl.minimum(H + PT - h0, KH)
+        for i in range(i_lo, i_hi):
+            s_row = s_pix + i * (RW * VEC)
+            w_row = w_blk + i * (KW * BLOCK_C)
+            for j in tl.static_range(KW):
+                if SKIP_COLS:
+                    if (w0 + (j - PL) < W) & (w0 + (TW - 1 + j - PL) >= 0):
+                        acc_e, acc_o = _tap(acc_e, acc_o, s_row + j * VEC, w_row + j * BLOCK_C, PAIRS, HALF)
+                else:
+                    acc_e, acc_o = _tap(acc_e, acc_o, s_row + j * VEC, w_row + j * BLOCK_C, PAIRS, HALF)
+        if PAIRS:
+            acc = tl.reshape(tl.join(acc_e, acc_o), (TILE, BLOCK_C))
+        else:
+            acc = acc_e
+        mask = pmask[:, None] & cmask[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # a is rounded to the activation dtype before use: statistics, y and the backward all see
+        # the stored value, so they agree with each other
+        a = acc.to(y_ptr.dtype.element_ty)
+        o_off = _offsets(n, h, w, c, son, soc, soh, sow)
+        if STORE_A:
+            tl.store(a_ptr + o_off, a, mask=mask)
+        g = act_fwd(a.to(tl.float32), ACT)
+        if TRAIN:  # pixels outside the map add nothing (weight 0)
+            pm = pmask.to(tl.float32)
+            cnt += pm
+            r = pm / tl.maximum(cnt, 1.0)
+            d = g - mean_e
+            mean_e += d * r[:, None]
+            m2_e += d * (g - mean_e) * pm[:, None]
+        else:
+            s = tl.load(scale_ptr + c, mask=cmask, other=0.0)
+            t = tl.load(shift_ptr + c, mask=cmask, other=0.0)
+            xc = tl.load(x_ptr + _offsets(n, h, w, c, sxn, sxc, sxh, sxw), mask=mask, other=0.0)
+            y = g * s[None, :] + t[None, :] + xc.to(tl.float32)
+            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if TRAIN:
+        cnt2 = tl.broadcast_to(cnt[:, None], (TILE, BLOCK_C))
+        count, mean, m2 = tl.reduce((cnt2, mean_e, m2_e), 0, _chan)
+        c = cb * BLOCK_C + cl
+        cmask = c < C
+        tl.store(part_ptr + pid * C + c, count, mask=cmask)
+        tl.store(part_ptr + (n_prog + pid) * C + c, mean, mask=cmask)
+        tl.store(part_ptr + (2 * n_prog + pid) * C + c, m2, mask=cmask)
 
 
 @triton.jit
@@ -129,64 +234,72 @@ def _apply_kernel(x_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, C, H, W, tiles_w, t
 
 
 @triton.jit
-def _reduce_kernel(dy_ptr, a_ptr, mean_ptr, rstd_ptr, part_ptr, C, H, W, tiles_w, tiles_per_img,
-                   sgn, sgc, sgh, sgw, son, soc, soh, sow, ACT: tl.constexpr,
+def _reduce_kernel(dy_ptr, a_ptr, mean_ptr, rstd_ptr, part_ptr, C, H, W, n_items, items_per_chunk,
+                   tiles_w, tiles_per_img, sgn, sgc, sgh, sgw, son, soc, soh, sow, ACT: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """Per-tile sum(dy) and sum(dy * xhat), xhat = (act(a) - mean) * rstd, into partials [T, 2, C]."""
-    pid_t = tl.program_id(0)
-    n, h, w, c, pmask, cmask = _tile(pid_t, tl.program_id(1), C, H, W, tiles_w, tiles_per_img,
-                                     TH, TW, BLOCK_C, INT64)
-    mask = pmask[:, None] & cmask[None, :]
-    dy = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw), mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + _offsets(n, h, w, c, son, soc, soh, sow), mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
-    rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0)
-    xhat = tl.where(mask, (act_fwd(a, ACT) - mean[None, :]) * rstd[None, :], 0.0)
-    tl.store(part_ptr + pid_t * 2 * C + c, tl.sum(dy, axis=0), mask=cmask)
-    tl.store(part_ptr + (pid_t * 2 + 1) * C + c, tl.sum(dy * xhat, axis=0), mask=cmask)
+    """Per-chunk sum(dy) and sum(dy * xhat), xhat = (act(a) - mean) * rstd, into partials [chunks, 2, C]:
+    program (chunk, cb) adds its tiles elementwise in registers, in order, and reduces once at the end."""
+    chunk = tl.program_id(0)
+    cb = tl.program_id(1)
+    cl = tl.arange(0, BLOCK_C)
+    cc = cb * BLOCK_C + cl
+    mean = tl.load(mean_ptr + cc, mask=cc < C, other=0.0)
+    rstd = tl.load(rstd_ptr + cc, mask=cc < C, other=0.0)
+    s_dy = tl.zeros((TH * TW, BLOCK_C), dtype=tl.float32)
+    s_dyx = tl.zeros((TH * TW, BLOCK_C), dtype=tl.float32)
+    first = chunk * items_per_chunk
+    last = tl.minimum(first + items_per_chunk, n_items)
+    for item in range(first, last):
+        n, h, w, c, pmask, cmask = _tile(item, cb, C, H, W, tiles_w, tiles_per_img, TH, TW, BLOCK_C, INT64)
+        mask = pmask[:, None] & cmask[None, :]
+        dy = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw), mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + _offsets(n, h, w, c, son, soc, soh, sow), mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (act_fwd(a, ACT) - mean[None, :]) * rstd[None, :], 0.0)
+        s_dy += dy
+        s_dyx += dy * xhat
+    tl.store(part_ptr + chunk * 2 * C + cc, tl.sum(s_dy, axis=0), mask=cc < C)
+    tl.store(part_ptr + (chunk * 2 + 1) * C + cc, tl.sum(s_dyx, axis=0), mask=cc < C)
 
 
 @triton.jit
-def _input_grad_kernel(dy_ptr, a_ptr, x_ptr, wt_ptr, coef_ptr, dx_ptr, scratch_ptr, dwp_ptr, dbp_ptr,
+def _input_grad_kernel(dy_ptr, a_ptr, wt_ptr, coef_ptr, dx_ptr, da_ptr, scratch_ptr,
                        C, H, W, n_items, tiles_w, tiles_per_img,
-                       sgn, sgc, sgh, sgw, son, soc, soh, sow, sxn, sxc, sxh, sxw,
+                       sgn, sgc, sgh, sgw, son, soc, soh, sow,
                        KH: tl.constexpr, KW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                       ACT: tl.constexpr, TRAIN: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+                       ACT: tl.constexpr, TRAIN: tl.constexpr, NEED_DX: tl.constexpr, STORE_DA: tl.constexpr,
                        TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """dx = dy + dwconv^T(da) and per-program partials of dw and db, da recomputed from (dy, a).
+    """dx = dy + dwconv^T(da), da recomputed from (dy, a); STORE_DA: the tile's own da written once
+    (da_ptr, x's dtype, a's strides) for ``_weight_grad_kernel``.
 
     da = act'(a) * (k1*(dy - mean_dy) + k2*(act(a) - mean)) with per-channel coef [4, C] = (k1, k2, mean_dy, mean).
-    Persistent: program (p, cb) walks tiles p, p + P, ... of channel block cb in a fixed order, so
-    its partials dw [P, KH*KW, C] and db [P, C] are deterministic. A tile's da over the tile plus
-    its halo is computed once into the program's scratch slot, then read back shifted (Triton
-    cannot index shared memory; the slot is small and stays in L1/L2).
+    Persistent: program (p, cb) walks tiles p, p + P, ... of channel block cb. A tile's da over the tile
+    plus its halo (zero outside the map: the transposed conv has no padding of its own) is computed once
+    into the program's scratch slot (float32), then read back shifted at compile-time offsets: column
+    taps unrolled, tap rows a runtime loop over the rows that reach the map, fp32 weights, no masks.
     """
     RW: tl.constexpr = TW + KW - 1
     REGION: tl.constexpr = (TH + KH - 1) * RW
     TILE: tl.constexpr = TH * TW
+    SKIP_COLS: tl.constexpr = (PL >= TW) or (KW - 1 - PL >= TW)
     pid_p = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    cb = tl.program_id(1)
     cl = tl.arange(0, BLOCK_C)
-    cc = tl.program_id(1) * BLOCK_C + cl
+    cc = cb * BLOCK_C + cl
     k1 = tl.load(coef_ptr + cc, mask=cc < C, other=0.0)
     k2 = tl.load(coef_ptr + C + cc, mask=cc < C, other=0.0)
     mean_dy = tl.load(coef_ptr + 2 * C + cc, mask=cc < C, other=0.0)
     mean = tl.load(coef_ptr + 3 * C + cc, mask=cc < C, other=0.0)
-    scratch = scratch_ptr + (tl.program_id(1) * n_prog + pid_p).to(tl.int64) * (REGION * BLOCK_C)
+    scratch = scratch_ptr + (cb * n_prog + pid_p).to(tl.int64) * (REGION * BLOCK_C)
     p = tl.arange(0, TILE)
     # scratch position of output pixel p's tap (KH-1, KW-1); tap (i, j) is (i*RW + j) rows before it
     s_out = scratch + ((p // TW + KH - 1) * RW + p % TW + KW - 1)[:, None] * BLOCK_C + cl[None, :]
+    w_blk = wt_ptr + cb * (KH * KW * BLOCK_C) + cl
     for item in range(pid_p, n_items, n_prog):
-        n, h, w, c, pmask, cmask = _tile(item, tl.program_id(1), C, H, W, tiles_w, tiles_per_img,
-                                         TH, TW, BLOCK_C, INT64)
-        t = item % tiles_per_img
-        h0 = (t // tiles_w) * TH
-        w0 = (t % tiles_w) * TW
-        if INT64:
-            h0 = h0.to(tl.int64)
-            w0 = w0.to(tl.int64)
-        # 1. da over rows [h0 + PT - (KH-1), h0 + TH + PT) and columns [w0 + PL - (KW-1), w0 + TW + PL),
-        #    zero outside the feature map (the transposed conv has no padding of its own)
+        n, h, w, c, pmask, cmask = _tile(item, cb, C, H, W, tiles_w, tiles_per_img, TH, TW, BLOCK_C, INT64)
+        h0, w0 = _tile_origin(item, tiles_w, tiles_per_img, TH, TW, INT64)
+        tl.debug_barrier()  # the previous tile's taps have read the slot
+        # 1. da over rows [h0 + PT - (KH-1), h0 + TH + PT) and columns [w0 + PL - (KW-1), w0 + TW + PL)
         for r0 in range(0, REGION, TILE):
             r = r0 + p
             qh = h0 + (PT - (KH - 1)) + r // RW
@@ -199,40 +312,160 @@ def _input_grad_kernel(dy_ptr, a_ptr, x_ptr, wt_ptr, coef_ptr, dx_ptr, scratch_p
             else:
                 dg = k1[None, :] * dy
             da = tl.where(m, act_grad(a, ACT) * dg, 0.0)
-            tl.store(scratch + r[:, None] * BLOCK_C + cl[None, :], da, mask=(r < REGION)[:, None])
-        tl.debug_barrier()  # the region was written by all threads and is read back shifted
-
-        mask = pmask[:, None] & cmask[None, :]
+            if NEED_DX:
+                tl.store(scratch + r[:, None] * BLOCK_C + cl[None, :], da, mask=(r < REGION)[:, None])
+            if STORE_DA:  # the tile's own pixels, each written by exactly one tile
+                own = m & ((qh >= h0) & (qh < h0 + TH) & (qw >= w0) & (qw < w0 + TW))[:, None]
+                tl.store(da_ptr + _offsets(n, qh, qw, c, son, soc, soh, sow), da.to(da_ptr.dtype.element_ty),
+                         mask=own)
         if NEED_DX:
+            tl.debug_barrier()  # the region was written by all threads and is read back shifted
             acc = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
-            for i in range(KH):
-                for j in range(KW):
-                    # dx[h, w] += w[i, j] * da[h + PT - i, w + PL - j]: the flipped kernel
-                    d = tl.load(s_out - (i * RW + j) * BLOCK_C)
-                    wv = tl.load(wt_ptr + (i * KW + j) * C + c, mask=cmask, other=0.0)
-                    acc += d * wv.to(tl.float32)[None, :]
+            # dx[h, w] += w[i, j] * da[h + PT - i, w + PL - j]: the flipped kernel; rows i whose da rows
+            # h + PT - i meet the map for some pixel of the tile
+            i_lo = tl.maximum(h0 + PT - (H - 1), 0)
+            i_hi = tl.minimum(h0 + (TH - 1) + PT + 1, KH)
+            for i in range(i_lo, i_hi):
+                s_row = s_out - i * (RW * BLOCK_C)
+                w_row = w_blk + i * (KW * BLOCK_C)
+                for j in tl.static_range(KW):
+                    if SKIP_COLS:
+                        if (w0 + (PL - j) < W) & (w0 + (TW - 1 + PL - j) >= 0):
+                            acc += tl.load(s_row - j * BLOCK_C) * tl.load(w_row + j * BLOCK_C)[None, :]
+                    else:
+                        acc += tl.load(s_row - j * BLOCK_C) * tl.load(w_row + j * BLOCK_C)[None, :]
+            mask = pmask[:, None] & cmask[None, :]
             dyc = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw), mask=mask, other=0.0)
             tl.store(dx_ptr + _offsets(n, h, w, c, son, soc, soh, sow),
                      (acc + dyc.to(tl.float32)).to(dx_ptr.dtype.element_ty), mask=mask)  # + the residual's
-        if NEED_DW:
-            # the tile's own da (zero at pixels outside the map) times x shifted by each tap
-            d = tl.load(s_out - (PT * RW + PL) * BLOCK_C)  # tap (PT, PL) is the pixel itself
-            db_ptrs = dbp_ptr + pid_p * C + c
-            tl.store(db_ptrs, tl.load(db_ptrs, mask=cmask, other=0.0) + tl.sum(d, axis=0), mask=cmask)
-            x_img = x_ptr + n * sxn + (c * sxc)[None, :]
-            for i in range(KH):
-                hh = h + (i - PT)
-                hok = pmask & (hh >= 0) & (hh < H)
-                x_row = x_img + (hh * sxh)[:, None]
-                for j in range(KW):
-                    ww = w + (j - PL)
-                    m = hok & (ww >= 0) & (ww < W)
-                    xv = tl.load(x_row + (ww * sxw)[:, None], mask=m[:, None] & cmask[None, :], other=0.0)
-                    dw_ptrs = dwp_ptr + (pid_p * (KH * KW) + i * KW + j) * C + c
-                    part = tl.load(dw_ptrs, mask=cmask, other=0.0) + tl.sum(d * xv.to(tl.float32), axis=0)
-                    tl.store(dw_ptrs, part, mask=cmask)
-        tl.debug_barrier()  # before the next tile overwrites the slot and re-reads the partials
 
+
+@triton.jit
+def _wg_tap(acc_e, acc_o, d_e, d_o, s_ptr, U: tl.constexpr, G: tl.constexpr, j0, KW: tl.constexpr,
+            VEC: tl.constexpr, PAIRS: tl.constexpr):
+    """acc += da * (staged x at column tap j0 + U), when this group has a tap U (compile time) that exists.
+    PAIRS: the bf16 band read as int32 channel pairs (acc_e / d_e: even channels, acc_o / d_o: odd)."""
+    if U < G:
+        if j0 + U < KW:
+            if PAIRS:
+                v = tl.load(s_ptr + U * VEC)
+                acc_e += d_e * (v << 16).to(tl.float32, bitcast=True)
+                acc_o += d_o * (v & -65536).to(tl.float32, bitcast=True)
+            else:
+                acc_e += d_e * tl.load(s_ptr + U * VEC).to(tl.float32)
+    return acc_e, acc_o
+
+
+@triton.jit
+def _wg_store(acc_e, acc_o, dwp_ptr, row, U: tl.constexpr, G: tl.constexpr, j0, KW: tl.constexpr, C, ce,
+              PAIRS: tl.constexpr):
+    """Partial dw of tap (row + U) for channels ce (PAIRS: ce even, ce + 1 from acc_o)."""
+    if U < G:
+        if j0 + U < KW:
+            ptr = dwp_ptr + (row + U) * C + ce
+            tl.store(ptr, tl.sum(acc_e, axis=0), mask=ce < C)
+            if PAIRS:
+                tl.store(ptr + 1, tl.sum(acc_o, axis=0), mask=ce + 1 < C)
+
+
+@triton.jit
+def _weight_grad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr,
+                        C, H, W, n_items, tiles_w, tiles_per_img, items_per_chunk, n_jg,
+                        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+                        KH: tl.constexpr, KW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr, G: tl.constexpr,
+                        TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+                        PAIRS: tl.constexpr):
+    """Per-chunk partials dw[chunk, i*KW + j, c] = sum over the chunk's pixels of da * x shifted by tap
+    (i, j), and db[chunk, c] = sum of da (program of tap group 0 only).
+
+    Program (cb, tap row i x column group jg, chunk): G column taps j0 .. j0 + G - 1 (j0 = jg*G) of
+    tap row i over the chunk's tiles, in order. Per tile: the stored da tile (once, no halo) and the
+    x band rows h0 + i - PT .. (+TH), columns w0 + j0 - PL .. (+TW + G - 1) staged (zero padded, x's
+    dtype) into the program's scratch slot; G register accumulators (one per tap, elementwise FMAs;
+    PAIRS: bf16 channel pairs widened by integer ops, even and odd channels apart); one fixed-order
+    reduction over pixels per tap at the end. Deterministic; no atomics.
+    """
+    BW: tl.constexpr = TW + G - 1
+    TILE: tl.constexpr = TH * TW
+    HALF: tl.constexpr = BLOCK_C // 2
+    VEC: tl.constexpr = HALF if PAIRS else BLOCK_C
+    cb = tl.program_id(0)
+    tap = tl.program_id(1)
+    chunk = tl.program_id(2)
+    i = tap // n_jg
+    j0 = (tap % n_jg) * G
+    vl = tl.arange(0, VEC)
+    slot = scratch_ptr + ((chunk * tl.num_programs(1) + tap) * tl.num_programs(0) + cb).to(tl.int64) * (
+        TH * BW * BLOCK_C)
+    if PAIRS:
+        s_base = slot.to(tl.pointer_type(tl.int32), bitcast=True)
+    else:
+        s_base = slot
+    p = tl.arange(0, TILE)
+    s_pix = s_base + ((p // TW) * BW + p % TW)[:, None] * VEC + vl[None, :]
+    acc0e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc0o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc1e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc1o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc2e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc2o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc3e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc3o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc4e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc4o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc5e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc5o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc6e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc6o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc7e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc7o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc8e = tl.zeros((TILE, VEC), dtype=tl.float32)
+    acc8o = tl.zeros((TILE, VEC), dtype=tl.float32)
+    accb = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
+    first = chunk * items_per_chunk
+    last = tl.minimum(first + items_per_chunk, n_items)
+    for item in range(first, last):
+        n, h, w, c, pmask, cmask = _tile(item, cb, C, H, W, tiles_w, tiles_per_img, TH, TW, BLOCK_C, INT64)
+        h0, w0 = _tile_origin(item, tiles_w, tiles_per_img, TH, TW, INT64)
+        tl.debug_barrier()  # the previous tile's taps have read the slot
+        _stage(x_ptr, slot, n, h0 + (i - PT), w0 + (j0 - PL), c, cmask, H, W, sxn, sxc, sxh, sxw,
+               TH, BW, TILE, BLOCK_C)
+        tl.debug_barrier()
+        mask = pmask[:, None] & cmask[None, :]
+        d = tl.load(da_ptr + _offsets(n, h, w, c, sdn, sdc, sdh, sdw), mask=mask, other=0.0).to(tl.float32)
+        accb += d
+        if PAIRS:
+            d_e, d_o = tl.split(tl.reshape(d, (TILE, HALF, 2)))
+        else:
+            d_e = d
+            d_o = d
+        acc0e, acc0o = _wg_tap(acc0e, acc0o, d_e, d_o, s_pix, 0, G, j0, KW, VEC, PAIRS)
+        acc1e, acc1o = _wg_tap(acc1e, acc1o, d_e, d_o, s_pix, 1, G, j0, KW, VEC, PAIRS)
+        acc2e, acc2o = _wg_tap(acc2e, acc2o, d_e, d_o, s_pix, 2, G, j0, KW, VEC, PAIRS)
+        acc3e, acc3o = _wg_tap(acc3e, acc3o, d_e, d_o, s_pix, 3, G, j0, KW, VEC, PAIRS)
+        acc4e, acc4o = _wg_tap(acc4e, acc4o, d_e, d_o, s_pix, 4, G, j0, KW, VEC, PAIRS)
+        acc5e, acc5o = _wg_tap(acc5e, acc5o, d_e, d_o, s_pix, 5, G, j0, KW, VEC, PAIRS)
+        acc6e, acc6o = _wg_tap(acc6e, acc6o, d_e, d_o, s_pix, 6, G, j0, KW, VEC, PAIRS)
+        acc7e, acc7o = _wg_tap(acc7e, acc7o, d_e, d_o, s_pix, 7, G, j0, KW, VEC, PAIRS)
+        acc8e, acc8o = _wg_tap(acc8e, acc8o, d_e, d_o, s_pix, 8, G, j0, KW, VEC, PAIRS)
+    part = dwp_ptr + chunk.to(tl.int64) * (KH * KW * C)
+    row = i * KW + j0
+    if PAIRS:
+        ce = cb * BLOCK_C + 2 * vl
+    else:
+        ce = cb * BLOCK_C + vl
+    _wg_store(acc0e, acc0o, part, row, 0, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc1e, acc1o, part, row, 1, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc2e, acc2o, part, row, 2, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc3e, acc3o, part, row, 3, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc4e, acc4o, part, row, 4, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc5e, acc5o, part, row, 5, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc6e, acc6o, part, row, 6, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc7e, acc7o, part, row, 7, G, j0, KW, C, ce, PAIRS)
+    _wg_store(acc8e, acc8o, part, row, 8, G, j0, KW, C, ce, PAIRS)
+    if tap == 0:
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        tl.store(dbp_ptr + chunk * C + c, tl.sum(accb, axis=0), mask=c < C)
 
 
 # ====================================================================== launch configurations
@@ -257,12 +490,28 @@ def default_config(H: int, W: int, C: int, channels_last: bool, device) -> TileC
     return TileConfig(min(4, p2(H)), min(32, p2(W)), min(8, p2(C)), 4)
 
 
-def candidates(H: int, W: int, C: int, channels_last: bool, device) -> List[TileConfig]:
-    default = default_config(H, W, C, channels_last, device)
+def conv_config(H: int, W: int, C: int, k: int, channels_last: bool, device, kind: str = "train") -> TileConfig:
+    """Tiles of the staged conv kernels: the taps read a channel-fastest scratch window in either layout.
+    ``kind`` "eval" (the eval forward, whose epilogue keeps little state): 8x16 x 32 channels, 4 pixels
+    x 8 channels per thread share each weight load; "train" (the statistics forward): 8x8 x 32, so
+    its Welford state fits 4 programs per SM; "dx" (the input gradient): 16x32 x 8, a smaller da halo
+    per tile (1.9x the tile at k=9) at 111 registers. Large kernels (k >= 16): 8x16 x 16 for all
+    three (16x16 tiles spill and hold fewer programs). (Static sm_90 comparisons, ``convmixer-kernels inspect``.)"""
+    if interpreting(device):
+        return default_config(H, W, C, channels_last, device)
+    if k >= 16:
+        return TileConfig(min(8, p2(H)), min(16, p2(W)), min(16, p2(C)), 4)
+    th, tw, bc = {"eval": (8, 16, 32), "train": (8, 8, 32), "dx": (16, 32, 8)}[kind]
+    return TileConfig(min(th, p2(H)), min(tw, p2(W)), min(bc, p2(C)), 4)
+
+
+def candidates(H: int, W: int, C: int, channels_last: bool, device, k: int = 1,
+               kind: str = "train") -> List[TileConfig]:
+    default = conv_config(H, W, C, k, channels_last, device, kind)
     if interpreting(device):
         return [default]
     # a few shapes only: each one is a separate compilation per kernel size on first use
-    shapes = [(8, 8, 32, 4), (16, 16, 16, 8), (8, 16, 32, 8), (4, 32, 8, 4), (8, 32, 16, 8), (32, 32, 8, 8)]
+    shapes = [(8, 8, 32, 4), (8, 16, 32, 4), (16, 16, 16, 4), (8, 16, 32, 8), (16, 16, 32, 8), (32, 32, 8, 8)]
     out = [default]
     for th, tw, bc, warps in shapes:
         cfg = TileConfig(min(th, p2(H)), min(tw, p2(W)), min(bc, p2(C)), warps)
@@ -271,14 +520,32 @@ def candidates(H: int, W: int, C: int, channels_last: bool, device) -> List[Tile
     return out
 
 
+def wgrad_config(H: int, W: int, C: int, device) -> TileConfig:
+    """Tiles of ``_weight_grad_kernel``: small (G accumulators per element live in registers); one row of
+    up to 32 pixels, so the staged x band is (TW + G - 1) / TW = 1.25x the tile at W = 32, k = 9."""
+    if interpreting(device):
+        return TileConfig(min(4, p2(H)), min(8, p2(W)), min(8, p2(C)), 1)
+    return TileConfig(1, min(32, p2(W)), min(16, p2(C)), 2)
+
+
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
-def _weight_taps(weight: torch.Tensor) -> torch.Tensor:
-    """The depthwise weight [C, 1, KH, KW] as [KH*KW, C]: one contiguous channel vector per tap."""
+def _weight_blocks(weight: torch.Tensor, block_c: int, pairs: bool = False) -> torch.Tensor:
+    """The depthwise weight [C, 1, KH, KW] as float32 [channel blocks, KH*KW, block_c], channels past C
+    zero: each tap's channel vector of a block at a compile-time offset from the block's start.
+    ``pairs``: each tap's vector holds the block's even channels, then its odd ones."""
     C = weight.shape[0]
-    return weight.reshape(C, -1).t().contiguous()
+    kk = weight.shape[-2] * weight.shape[-1]
+    cblocks = triton.cdiv(C, block_c)
+    w = weight.reshape(C, kk).to(torch.float32)
+    if cblocks * block_c != C:
+        w = torch.cat([w, w.new_zeros(cblocks * block_c - C, kk)])
+    w = w.view(cblocks, block_c, kk)
+    if pairs:
+        w = torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
+    return w.transpose(1, 2).contiguous()
 
 
 def _grid(cfg: TileConfig, N: int, H: int, W: int, C: int):
@@ -291,19 +558,96 @@ def _layout_key(x: torch.Tensor) -> tuple:
     return (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last), x.device)
 
 
-def _conv_launch(x, wt, bias, y, a, scale, shift, part, kernel, pads, act, train, store_a, cfg, int64):
-    """One launch of ``_conv_kernel`` (``part``: the [3, T, C] partials in training, else None)."""
+# ------------------------------------------------------------------ persistent grids from occupancy
+
+_occupancy_cache = {}
+
+
+def _blocks_per_sm(regs: int, shared: int, num_warps: int) -> int:
+    """Resident programs per SM on sm_90: threads, registers (256-register warp granules) and shared memory."""
+    warp_regs = triton.cdiv(max(regs, 1) * 32, 256) * 256
+    by_regs = 65536 // (warp_regs * num_warps)
+    by_threads = 2048 // (32 * num_warps)
+    by_smem = (227 * 1024) // (shared + 1024) if shared else 32
+    return max(1, min(by_regs, by_threads, by_smem, 32))
+
+
+def _static_compile(kernel, args, meta):
+    """(registers, shared bytes) of ``kernel`` compiled ahead of time for the static target (sm_90), bound
+    and specialized as a launch with these arguments would be (``convmixer_kernels.static``'s toolchain)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import jit as jit_mod
+
+    from ...static import toolchain
+
+    backend = make_backend(GPUTarget("cuda", static_active().capability, 32))
+    binder = jit_mod.create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    opts, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
+    c = toolchain.compile_triton(kernel, signature, constexprs, attrs, opts.__dict__)
+    return c.resources.registers, c.dynamic_smem + c.resources.static_smem
+
+
+def _resident(kernel, key, args, meta, device) -> int:
+    """Programs of ``kernel`` the GPU holds at once, from the compiled kernel's registers and shared
+    memory: on CUDA the kernel compiled for this launch (``warmup``, nothing runs), under the static
+    target its sm_90 compile. Any failure of the query falls back to 128 registers (never fails a launch)."""
+    num_warps = meta.get("num_warps", 4)
+    if key not in _occupancy_cache:
+        try:
+            if static_active():
+                regs, shared = _static_compile(kernel, args, meta)
+            else:
+                k = kernel.warmup(*args, grid=(1,), **meta)
+                regs, shared = k.n_regs, k.metadata.shared
+        except Exception:
+            regs, shared = 128, 0
+        _occupancy_cache[key] = _blocks_per_sm(regs, shared, num_warps)
+    return _occupancy_cache[key] * num_sms(device)
+
+
+def _persistent_programs(n_items: int, channel_blocks: int, resident: int, device) -> int:
+    """Programs per channel block of a persistent kernel: one wave of the GPU (its real occupancy), so
+    the scratch slots of resident programs are the only ones in use."""
+    if interpreting(device):
+        return max(1, min(n_items, 2))
+    return max(1, min(n_items, resident // channel_blocks))
+
+
+def _conv_launch(x, wts, bias, y, a, scale, shift, kernel, pads, act, train, store_a, cfg, int64, bufs):
+    """One launch of ``_conv_kernel``; returns the [3, P, C] partials in training (else None). ``bufs``
+    caches each configuration's (programs, scratch, partials) outside any timed region."""
     N, C, H, W = x.shape
-    tiles_w, tiles_per_img, grid = _grid(cfg, N, H, W, C)
+    KH, KW = kernel
+    tiles_w, tiles_per_img, (n_items, cblocks) = _grid(cfg, N, H, W, C)
+    pairs = x.dtype == torch.bfloat16 and cfg.block_c % 2 == 0
+    wt = wts(cfg.block_c, pairs)
     dummy = wt
-    _conv_kernel[grid](
-        x, wt, bias if bias is not None else dummy, a if store_a else dummy, y,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        part if part is not None else dummy,
-        C, H, W, grid[0], tiles_w, tiles_per_img, *_strides(x), *_strides(y),
-        KH=kernel[0], KW=kernel[1], PT=pads[0], PL=pads[1], ACT=act, HAS_BIAS=bias is not None,
-        TRAIN=train, STORE_A=store_a, TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c, INT64=int64,
-        num_warps=cfg.num_warps)
+    args = [x, wt, bias if bias is not None else dummy, a if store_a else dummy, y,
+            scale if scale is not None else dummy, shift if shift is not None else dummy, None, None,
+            C, H, W, n_items, tiles_w, tiles_per_img, *_strides(x), *_strides(y)]
+    meta = dict(KH=KH, KW=KW, PT=pads[0], PL=pads[1], ACT=act, HAS_BIAS=bias is not None, TRAIN=train,
+                STORE_A=store_a, TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c, INT64=int64, PAIRS=pairs,
+                num_warps=cfg.num_warps)
+    slot = (cfg.th + KH - 1) * (cfg.tw + KW - 1) * cfg.block_c
+    if cfg not in bufs:
+        if not interpreting(x.device):
+            probe = list(args)
+            probe[7] = empty((3, 1, C), dtype=torch.float32, device=x.device) if train else dummy
+            probe[8] = empty((slot,), dtype=x.dtype, device=x.device)
+            resident = _resident(_conv_kernel, ("conv",) + _layout_key(x) + (kernel, act, train, store_a, cfg, int64,
+                                                                             bias is not None), probe, meta, x.device)
+            P = _persistent_programs(n_items, cblocks, resident, x.device)
+        else:
+            P = _persistent_programs(n_items, cblocks, 0, x.device)
+        part = empty((3, P, C), dtype=torch.float32, device=x.device) if train else None
+        bufs[cfg] = (P, empty((P * cblocks, slot), dtype=x.dtype, device=x.device), part)
+    P, scratch, part = bufs[cfg]
+    args[7] = part if train else dummy
+    args[8] = scratch
+    _conv_kernel[(P, cblocks)](*args, **meta)
+    return part
 
 
 # ====================================================================== the contract (ops/depthwise_block.py)
@@ -315,30 +659,25 @@ def unsupported(**config) -> Optional[str]:
 
 
 def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int]):
-    """a = dwconv(x) + b in x's dtype and layout, and the [3, T, C] partials of act(a)."""
+    """a = dwconv(x) + b in x's dtype and layout, and the [3, P, C] partials of act(a) (one row per program)."""
     N, C, H, W = x.shape
     kernel = tuple(weight.shape[-2:])
     a = empty_output(x)
-    wt = _weight_taps(weight)
+    wts = _weights_per_block(weight)
+    bufs = {}
     int64 = needs_int64(x, a)
-    cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device)
-    parts = {}
-
-    def part_for(cfg):
-        if cfg not in parts:
-            parts[cfg] = empty((3, _grid(cfg, N, H, W, C)[2][0], C), dtype=torch.float32, device=x.device)
-        return parts[cfg]
+    cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device, max(kernel))
 
     def launch(cfg, a_out):
-        _conv_launch(x, wt, bias, a_out, a_out, None, None, part_for(cfg), kernel, pads, act, True, True, cfg, int64)
+        return _conv_launch(x, wts, bias, a_out, a_out, None, None, kernel, pads, act, True, True, cfg, int64, bufs)
 
     if len(cands) > 1:
         scratch = empty_like(x)
         cfg = _tuner.pick(("conv_stats",) + _layout_key(x) + (kernel, act), cands, lambda c: launch(c, scratch))
     else:
         cfg = cands[0]
-    launch(cfg, a)
-    return a, parts[cfg]
+    part = launch(cfg, a)
+    return a, part
 
 
 def apply(a, x, finalized, act: int):
@@ -359,13 +698,14 @@ def conv_apply(x, weight, bias, finalized, act: int, pads: Tuple[int, int], stor
     kernel = tuple(weight.shape[-2:])
     y = empty_output(x)
     a = empty_output(x) if store_a else x.new_empty(0)
-    wt = _weight_taps(weight)
+    wts = _weights_per_block(weight)
+    bufs = {}
     int64 = needs_int64(x, y)
     scale, shift = finalized[SCALE], finalized[SHIFT]
-    cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device)
+    cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device, max(kernel), "eval")
 
     def launch(cfg, y_out, a_out):
-        _conv_launch(x, wt, bias, y_out, a_out, scale, shift, None, kernel, pads, act, False, store_a, cfg, int64)
+        _conv_launch(x, wts, bias, y_out, a_out, scale, shift, kernel, pads, act, False, store_a, cfg, int64, bufs)
 
     if len(cands) > 1:
         y2, a2 = empty_like(y), empty_like(y) if store_a else a
@@ -381,66 +721,118 @@ def grad_sums(dy, a, stats, act: int):
     """[2, C] float32: (sum dy, sum dy * xhat) per channel, xhat = (act(a) - mean) * rstd."""
     N, C, H, W = a.shape
     cfg = default_config(H, W, C, a.is_contiguous(memory_format=torch.channels_last), a.device)
-    tiles_w, tiles_per_img, grid = _grid(cfg, N, H, W, C)
-    part = empty((grid[0], 2, C), dtype=torch.float32, device=a.device)
-    _reduce_kernel[grid](dy, a, stats[MEAN], stats[RSTD], part, C, H, W, tiles_w, tiles_per_img, *_strides(dy),
-                         *_strides(a), ACT=act, TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c,
-                         INT64=needs_int64(dy, a), num_warps=cfg.num_warps)
+    tiles_w, tiles_per_img, (n_items, cblocks) = _grid(cfg, N, H, W, C)
+    chunks = _chunks(n_items, cblocks, a.device)
+    per_chunk = triton.cdiv(n_items, chunks)
+    chunks = triton.cdiv(n_items, per_chunk)
+    part = empty((chunks, 2, C), dtype=torch.float32, device=a.device)
+    _reduce_kernel[(chunks, cblocks)](dy, a, stats[MEAN], stats[RSTD], part, C, H, W, n_items, per_chunk, tiles_w,
+                                      tiles_per_img, *_strides(dy), *_strides(a), ACT=act, TH=cfg.th, TW=cfg.tw,
+                                      BLOCK_C=cfg.block_c, INT64=needs_int64(dy, a), num_warps=cfg.num_warps)
     return sum_rows(part)
 
 
-def _persistent_programs(n_items: int, channel_blocks: int, device) -> int:
-    """Programs per channel block for the persistent backward kernel: enough to fill the GPU a few
-    times over, few enough that the scratch slots stay cache-resident."""
+def _chunks(n_items: int, programs_per_chunk: int, device) -> int:
+    """Chunks of whole tiles for the reduction kernels: 8 waves of 8 programs per SM (a small quantized
+    tail), each chunk's tiles added in registers in order (one reduction per program)."""
     if interpreting(device):
-        return max(1, min(n_items, 2))
-    return max(1, min(n_items, triton.cdiv(4 * num_sms(device), channel_blocks)))
+        return min(n_items, 2)
+    return max(1, min(n_items, triton.cdiv(8 * 8 * num_sms(device), programs_per_chunk)))
+
+
+def _weights_per_block(weight: torch.Tensor):
+    """block_c -> ``_weight_blocks(weight, block_c)``, built once per block width."""
+    cache = {}
+
+    def get(block_c: int, pairs: bool = False) -> torch.Tensor:
+        if (block_c, pairs) not in cache:
+            cache[block_c, pairs] = _weight_blocks(weight, block_c, pairs)
+        return cache[block_c, pairs]
+
+    return get
+
+
+def _wgrad_groups(KW: int) -> Tuple[int, int]:
+    """(G, groups): column taps per ``_weight_grad_kernel`` program (at most 9 accumulators) and groups per row."""
+    if KW <= 9:
+        return KW, 1
+    groups = triton.cdiv(KW, 8)
+    return triton.cdiv(KW, groups), groups
+
+
+def _weight_grad(da, x, KH: int, KW: int, pads, int64: bool):
+    """(dw [KH*KW, C], db [C]) float32 from the stored da and x: per-chunk partials, summed in a fixed order."""
+    N, C, H, W = x.shape
+    dev = x.device
+    cfg = wgrad_config(H, W, C, dev)
+    tiles_w, tiles_per_img, (n_items, cblocks) = _grid(cfg, N, H, W, C)
+    G, n_jg = _wgrad_groups(KW)
+    taps = KH * n_jg
+    chunks = _chunks(n_items, cblocks * taps, dev)
+    per_chunk = triton.cdiv(n_items, chunks)
+    chunks = triton.cdiv(n_items, per_chunk)
+    f32 = dict(dtype=torch.float32, device=dev)
+    dwp = empty((chunks, KH * KW, C), **f32)
+    dbp = empty((chunks, C), **f32)
+    scratch = empty((chunks * taps * cblocks, cfg.th * (cfg.tw + G - 1) * cfg.block_c), dtype=x.dtype, device=dev)
+    _weight_grad_kernel[(cblocks, taps, chunks)](
+        da, x, dwp, dbp, scratch, C, H, W, n_items, tiles_w, tiles_per_img, per_chunk, n_jg,
+        *_strides(da), *_strides(x), KH=KH, KW=KW, PT=pads[0], PL=pads[1], G=G, TH=cfg.th, TW=cfg.tw,
+        BLOCK_C=cfg.block_c, INT64=int64, PAIRS=x.dtype == torch.bfloat16 and cfg.block_c % 2 == 0,
+        num_warps=cfg.num_warps)
+    return sum_rows(dwp), sum_rows(dbp)
 
 
 def input_grad(dy, a, x, weight, coef, act: int, pads: Tuple[int, int], train: bool, need_dx: bool,
                need_dw: bool, need_db: bool):
     """(dx, dw, db): dx = dy + dwconv^T(da), dw and db float32-accumulated in the weight's dtype, with
     da = act'(a) * (k1*(dy - mean_dy) + k2*(act(a) - mean)), coef = [4, C] (k1, k2, mean_dy, mean). A gradient
-    not asked for is an empty tensor."""
+    not asked for is an empty tensor. ``_input_grad_kernel`` computes da once (with its halo, for dx) and
+    stores each tile's own da when dw or db is asked for; ``_weight_grad_kernel`` reads it with x."""
     N, C, H, W = x.shape
     KH, KW = weight.shape[-2:]
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
+    need_w = need_dw or need_db
     dx = empty_output(x) if need_dx else x.new_empty(0)
+    da = empty_output(x) if need_w else None
     int64 = needs_int64(x, a, dy) or (need_dx and needs_int64(dx))
-    wt = _weight_taps(weight)
-    key = ("input_grad",) + _layout_key(x) + ((KH, KW), act, train, need_dx, need_dw or need_db)
-    cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), dev)
+    wts = _weights_per_block(weight)
+    key = ("input_grad",) + _layout_key(x) + ((KH, KW), act, train, need_dx, need_w)
+    cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), dev, max(KH, KW), "dx")
     buffers = {}
 
-    def buffers_for(cfg):
-        if cfg not in buffers:
-            tiles_w, tiles_per_img, (n_items, cblocks) = _grid(cfg, N, H, W, C)
-            P = _persistent_programs(n_items, cblocks, dev)
-            region = (cfg.th + KH - 1) * (cfg.tw + KW - 1)
-            buffers[cfg] = (P, empty((P * cblocks, region, cfg.block_c), **f32), torch.zeros((P, KH * KW, C), **f32),
-                            torch.zeros((P, C), **f32))
-        return buffers[cfg]
-
-    def launch(cfg, dx_out):
+    def launch(cfg, dx_out, da_out):
         tiles_w, tiles_per_img, (n_items, cblocks) = _grid(cfg, N, H, W, C)
-        P, scratch, dwp, dbp = buffers_for(cfg)
-        dwp.zero_()
-        dbp.zero_()
-        _input_grad_kernel[(P, cblocks)](
-            dy, a, x, wt, coef, dx_out if need_dx else dy, scratch, dwp, dbp,
-            C, H, W, n_items, tiles_w, tiles_per_img, *_strides(dy), *_strides(a), *_strides(x),
-            KH=KH, KW=KW, PT=pads[0], PL=pads[1], ACT=act, TRAIN=train, NEED_DX=need_dx,
-            NEED_DW=need_dw or need_db, TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c, INT64=int64,
-            num_warps=cfg.num_warps)
+        region = (cfg.th + KH - 1) * (cfg.tw + KW - 1) * cfg.block_c
+        wt = wts(cfg.block_c)
+        args = [dy, a, wt, coef, dx_out if need_dx else dy, da_out if need_w else dy, None,
+                C, H, W, n_items, tiles_w, tiles_per_img, *_strides(dy), *_strides(a)]
+        meta = dict(KH=KH, KW=KW, PT=pads[0], PL=pads[1], ACT=act, TRAIN=train, NEED_DX=need_dx, STORE_DA=need_w,
+                    TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c, INT64=int64, num_warps=cfg.num_warps)
+        if cfg not in buffers:
+            resident = 0
+            if not interpreting(dev):
+                probe = list(args)
+                probe[6] = empty((region,), **f32)
+                resident = _resident(_input_grad_kernel, key + (cfg, int64), probe, meta, dev)
+            P = _persistent_programs(n_items, cblocks, resident, dev)
+            buffers[cfg] = (P, empty((P * cblocks, region), **f32))
+        P, args[6] = buffers[cfg]
+        _input_grad_kernel[(P, cblocks)](*args, **meta)
 
     if len(cands) > 1:
         dx2 = empty_like(dx) if need_dx else None
-        cfg = _tuner.pick(key, cands, lambda c: launch(c, dx2))
+        da2 = empty_like(da) if need_w else None
+        cfg = _tuner.pick(key, cands, lambda c: launch(c, dx2, da2))
     else:
         cfg = cands[0]
-    launch(cfg, dx)
-    _, _, dwp, dbp = buffers[cfg]
-    dw = sum_rows(dwp).t().contiguous().view(weight.shape).to(weight.dtype) if need_dw else x.new_empty(0)
-    db = sum_rows(dbp).to(weight.dtype) if need_db else x.new_empty(0)
+    launch(cfg, dx, da)
+    dw = db = x.new_empty(0)
+    if need_w:
+        dwk, dbk = _weight_grad(da, x, KH, KW, pads, needs_int64(x, da))
+        if need_dw:
+            dw = dwk.t().contiguous().view(weight.shape).to(weight.dtype)
+        if need_db:
+            db = dbk.to(weight.dtype)
     return dx, dw, db
