@@ -3,9 +3,9 @@
     python bench/static_results.py            # every paper configuration and the DW k sweep
     python bench/static_results.py --only 1536/20-k9-p7
 
-Each file is what ``convmixer-kernels inspect --json`` writes for one paper configuration (the CUDA
-extension's instances only in the 1536/20 file, which the CI guard reads), plus the depthwise block
-at k = 3..31 on the 1536-channel 32x32 grid. Every figure is a static prediction, not a measurement.
+Each file is what ``convmixer-kernels inspect --backend all --json`` writes for one paper configuration
+(Triton and the CUDA extension; the CI guard reads the 1536/20 file), plus the depthwise block on
+both backends at k = 3..31 on the 1536-channel 32x32 grid. Every figure is a static prediction, not a measurement.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONFIGS = ("1536/20-k9-p7", "768/32-k7-p7", "1024/20-k9-p14", "256/8-k5-p2")
-GUARDED = "1536/20-k9-p7"  # the CI guard's reference (tests/test_static_inspect.py)
 SWEEP = range(3, 32, 2)
 
 
@@ -28,8 +27,7 @@ def _name(config: str) -> str:
 
 def paper_config(config: str) -> None:
     out = os.path.join(RESULTS, _name(config))
-    backend = "all" if config == GUARDED else "triton"
-    subprocess.run([sys.executable, "-m", "convmixer_kernels", "inspect", "--config", config, "--backend", backend,
+    subprocess.run([sys.executable, "-m", "convmixer_kernels", "inspect", "--config", config, "--backend", "all",
                     "--json", out], check=True, env=_env(), stdout=subprocess.DEVNULL)
     print(f"wrote {out}")
 
@@ -45,8 +43,11 @@ def k_sweep() -> None:
         kernels = [dict(report.kernel_record(launch, cache), backend="triton")
                    for launch in launches.capture("dw_block", shape)]
         eager = {"dw_block": report.traffic.eager_block_traffic("dw_block", shape)}
-        rows.append({"kernel_size": k, "kernels": kernels,
-                     "blocks": report.block_summaries(kernels, shape, eager)})
+        blocks = [dict(b, backend="triton") for b in report.block_summaries(kernels, shape, eager)]
+        cuda = report.cuda_launches(w, shape)
+        blocks += report.cuda_block_summaries(cuda.get("kernels", []), shape, eager)
+        rows.append({"kernel_size": k, "kernels": kernels, "cuda_kernels": cuda.get("kernels", []),
+                     "cuda_error": cuda.get("error"), "blocks": blocks})
         print(f"  k={k}", file=sys.stderr)
     result = {"schema": "convmixer-kernels-static-sweep/1", "meta": report.meta(),
               "workload": {"dim": 1536, "batch": 64, "grid_size": 32, "dtype": "bf16", "layout": "channels_last",

@@ -244,8 +244,8 @@ def static_table(paths: List[str]) -> str:
            "bytes against H200 ceilings. These are predictions, not measurements; they are never mixed with the "
            "measured tables.", ""]
     assumptions = None
-    out += ["| config | block | phase | kernels | predicted µs | floor µs | % of floor | DRAM passes (budget) |"
-            " eager passes (counted) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out += ["| config | backend | block | phase | kernels | predicted µs | floor µs | % of floor | DRAM passes (budget) |"
+            " eager passes (counted) |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     heads = []
     for path in paths:
         with open(path) as f:
@@ -256,10 +256,16 @@ def static_table(paths: List[str]) -> str:
         w = data["workload"]
         name = w.get("config") or f"{w['dim']}/{w['depth']}-k{w['kernel_size']}-p{w['patch_size']}"
         for b in data["blocks"]:
+            backend = b.get("backend", "triton")
+            if b.get("predicted_us") is None:  # a shape the backend refuses
+                out.append(f"| {name} | {backend} | {b['block']} | {b['phase']} | - | not run: "
+                           f"{str(b.get('error', ''))[:60]} | - | - | - | - |")
+                continue
             pct = 100 * b["floor_us"] / b["predicted_us"] if b["predicted_us"] else 0
             ev = b.get("eager_passes_counted")
-            out.append(f"| {name} | {b['block']} | {b['phase']} | {b['kernels']} | {b['predicted_us']:,.0f} | "
-                       f"{b['floor_us']:,.0f} | {pct:.0f}% | {b['passes']:.2f} ({b.get('budget_passes') or '-'}) | "
+            passes = f"{b['passes']:.2f} ({b.get('budget_passes') or '-'})" if b.get("passes") is not None else "-"
+            out.append(f"| {name} | {backend} | {b['block']} | {b['phase']} | {b['kernels']} | "
+                       f"{b['predicted_us']:,.0f} | {b['floor_us']:,.0f} | {pct:.0f}% | {passes} | "
                        f"{f'{ev:.1f}' if ev else '-'} |")
         st, mem = data.get("step") or {}, data.get("memory") or {}
         if st:
@@ -281,23 +287,29 @@ KERNEL_TABLE_CONFIG = "1536/20-k9-p7"  # the paper's headline configuration (and
 
 
 def kernel_table(paths: List[str]) -> List[str]:
-    """Per kernel of the headline configuration: resources, instruction mix and predicted time."""
+    """Per kernel of the headline configuration, both backends: resources, instruction mix, predicted time."""
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        if data.get("workload", {}).get("config") != KERNEL_TABLE_CONFIG or not data.get("kernels"):
+        w = data.get("workload", {})
+        if w.get("config") != KERNEL_TABLE_CONFIG or not data.get("kernels"):
             continue
-        rows = ["", f"Per kernel, {KERNEL_TABLE_CONFIG} (batch {data['workload']['batch']}, "
-                f"{data['workload']['dtype']}, {data['workload']['layout']}), Triton, default launches:", "",
-                "| block | phase | kernel | regs | spill B | instr / FFMA | wgmma | bound | predicted µs | % of floor |",
-                "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-        for k in data["kernels"]:
+        rows = ["", f"Per kernel, {KERNEL_TABLE_CONFIG} (batch {w['batch']}, {w['dtype']}, {w['layout']}), default "
+                "launches:", "",
+                "| backend | block | phase | kernel | regs | spill B | instr / FFMA | wgmma | bound | predicted µs | "
+                "% of floor |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+        cuda = (data.get("cuda_extension") or {}).get("kernels") or []
+        for k in list(data["kernels"]) + list(cuda):
             if k.get("candidate"):
                 continue
+            head = f"| {k.get('backend', 'triton')} | {k['block']} | {k['phase']} | `{k['kernel']}` |"
+            if k.get("predicted_us") is None:  # a shape the backend refuses, or a compile error
+                rows.append(f"{head} not run: {str(k.get('error') or k.get('compile_error'))[:60]} | | | | | | |")
+                continue
             ipf = k.get("instr_per_ffma")
-            rows.append(f"| {k['block']} | {k['phase']} | `{k['kernel']}` | {k['registers']} | {k['spill_bytes']} | "
-                        f"{f'{ipf:.1f}' if ipf else '-'} | {'yes' if k.get('hgmma') else 'no'} | {k.get('bound', '-')} | "
-                        f"{k['predicted_us']:,.1f} | {k.get('roofline_pct', 0):.0f}% |")
+            rows.append(f"{head} {k['registers']} | {k['spill_bytes']} | {f'{ipf:.1f}' if ipf else '-'} | "
+                        f"{'yes' if k.get('hgmma') else 'no'} | {k.get('bound', '-')} | {k['predicted_us']:,.1f} | "
+                        f"{k.get('roofline_pct', 0):.0f}% |")
         return rows
     return []
 
@@ -312,13 +324,18 @@ def sweep_table(paths: List[str]) -> List[str]:
         w = data["workload"]
         rows = ["", f"Depthwise block across kernel sizes ({w['dim']} channels, {w['grid_size']}x{w['grid_size']}, "
                 f"batch {w['batch']}, {w['dtype']}, {w['layout']}), forward+backward in training:", "",
-                "| k | predicted µs | floor µs | % of floor |", "| ---: | ---: | ---: | ---: |"]
+                "| k | backend | predicted µs | floor µs | % of floor |", "| ---: | --- | ---: | ---: | ---: |"]
         for entry in data["sweep"]:
             for b in entry["blocks"]:
-                if b["phase"] == "forward+backward (training)":
-                    pct = 100 * b["floor_us"] / b["predicted_us"] if b["predicted_us"] else 0
-                    rows.append(f"| {entry['kernel_size']} | {b['predicted_us']:,.0f} | {b['floor_us']:,.0f} | "
-                                f"{pct:.0f}% |")
+                if b["phase"] != "forward+backward (training)":
+                    continue
+                backend = b.get("backend", "triton")
+                if b.get("predicted_us") is None:
+                    rows.append(f"| {entry['kernel_size']} | {backend} | not run: {str(b.get('error'))[:50]} | | |")
+                    continue
+                pct = 100 * b["floor_us"] / b["predicted_us"] if b["predicted_us"] else 0
+                rows.append(f"| {entry['kernel_size']} | {backend} | {b['predicted_us']:,.0f} | {b['floor_us']:,.0f} | "
+                            f"{pct:.0f}% |")
         return rows
     return []
 

@@ -73,6 +73,6 @@ def test_summarize_static_section(tmp_path):
     readme.write_text("a\n<!-- static:start -->\nold\n<!-- static:end -->\nb\n")
     assert s.main(["--static", str(f), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "Static prediction (no GPU measurement)" in text and "| tiny | dw_block | backward | 2 | 10 | 5 | 50% |" in text
+    assert "Static prediction (no GPU measurement)" in text and "| tiny | triton | dw_block | backward | 2 | 10 | 5 | 50% |" in text
     assert text.startswith("a\n<!-- static:start -->\n") and text.endswith("<!-- static:end -->\nb\n")
     assert "- one line" in text and "old" not in text

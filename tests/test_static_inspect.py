@@ -88,7 +88,7 @@ def test_guard_default_launches_vs_committed_json():
         pytest.skip(f"{COMMITTED} is not committed yet")
     with open(COMMITTED) as f:
         committed = json.load(f)
-    current = _inspect("--config", "1536/20-k9-p7")
+    current = _inspect("--config", "1536/20-k9-p7", "--backend", "all")  # Triton and the CUDA extension
     problems = guard.compare(current, committed, tolerance=0.10)
     assert not problems, "static regression (static prediction, not a measurement):\n" + "\n".join(problems)
 
