@@ -94,6 +94,31 @@ def test_many_tiles_and_channel_blocks(monkeypatch, layout, train, k):
         _check_against_float64(x, _params(10, k), train=train)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("k", [1, 10])
+def test_kernel_wider_than_tiles_and_1x1(monkeypatch, layout, k):
+    """k = 10 (even) on 2x4 tiles of a 5x11 map: column taps wholly outside a tile are skipped (the
+    uniform branch), tap rows outside the map too, the weight gradient runs two column groups
+    (9 + 1 taps), partial tiles at the bottom and right; k = 1: no halo at all (in eval: with batch
+    statistics a 1x1 depthwise weight's gradient nearly cancels, beyond float32's 1e-5 rule for any
+    summation order)."""
+    x = make_inputs((1, 5, 5, 11), 1, layout)[0]
+    with _tile_config(monkeypatch, TD.TileConfig(2, 4, 4, 1)):
+        _check_against_float64(x, _params(5, k), train=k > 1)
+
+
+def test_bf16_pairs_wide_kernel(monkeypatch):
+    """bf16 windows read as int32 channel pairs, with an odd channel count (the last pair half padded),
+    column-tap skipping and two weight-gradient column groups, against the bf16 precision rule."""
+    ref = make_block("depthwise", 5, k=10)
+    fused, ref_d, ref64 = three_copies(ref, fuser("depthwise", "triton"), torch.bfloat16, DEVICE)
+    xs = make_inputs((1, 5, 5, 11), 2, "channels_last")
+    with _tile_config(monkeypatch, TD.TileConfig(2, 4, 4, 1)):
+        rows = compare_train_then_eval(fused, ref_d, ref64, xs[:1], xs[1:], torch.bfloat16)
+    assert all(r.ok for r in rows), format_rows(rows, only_failures=True)
+    assert fused.last_backend == "triton"
+
+
 def test_int64_offsets_path(monkeypatch):
     """The 64-bit offset variant of every kernel computes the same thing (forced on a small input)."""
     monkeypatch.setattr(TD, "needs_int64", lambda *tensors: True)
