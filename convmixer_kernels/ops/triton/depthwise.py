@@ -600,6 +600,8 @@ def _resident(kernel, key, args, meta, device) -> int:
                 regs, shared = _static_compile(kernel, args, meta)
             else:
                 k = kernel.warmup(*args, grid=(1,), **meta)
+                if hasattr(k, "_init_handles"):  # registers are known once the module is loaded
+                    k._init_handles()
                 regs, shared = k.n_regs, k.metadata.shared
         except Exception:
             regs, shared = 128, 0
