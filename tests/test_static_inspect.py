@@ -72,8 +72,8 @@ def test_conv_kernel_floor_by_hand(small):
     k = next(k for k in small["kernels"] if k["kernel"] == "_conv_kernel" and k["phase"] == "forward (training)")
     n, c, h, ks = 2, 64, 8, 5
     unit = n * c * h * h * 2
-    T = k["grid"][0]  # tiles; partials [3, T, C] float32
-    moved = unit + ks * ks * c * 2 + c * 2 + unit + 3 * T * c * 4  # x, weight taps, bias; a, partials
+    P = k["grid"][0]  # persistent programs; partials [3, P, C] float32
+    moved = unit + ks * ks * c * 4 + c * 2 + unit + 3 * P * c * 4  # x, fp32 weight taps, bias; a, partials
     assert k["dram_bytes"] == moved
     fmas = n * c * h * h * ks * ks
     assert k["useful_fma"] == fmas
