@@ -297,7 +297,8 @@ class FusedConvMixerLayer(nn.Sequential, _FusedBase):
         return nn.Sequential(first, *list(self)[1:]).train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise_forward(self, self[1], self[2], self[3], self[0](x))
+        depthwise, conv, act, bn = self._modules.values()  # not Sequential.__getitem__: the hot path
+        return _pointwise_forward(self, conv, act, bn, depthwise(x))
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
