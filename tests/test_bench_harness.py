@@ -144,6 +144,8 @@ def test_profile_sweep_loop_with_a_fake_gpu(tmp_path, monkeypatch, capsys):
                "roofline_pct": 1.0}
         return CaseResult(rec, lambda: None)
 
+    # the sweep sets CONVMIXER_KERNELS_STRICT=1 for its process: restore it for the tests after this one
+    monkeypatch.setenv("CONVMIXER_KERNELS_STRICT", os.environ.get("CONVMIXER_KERNELS_STRICT", "0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FAKE GPU (test)")
     monkeypatch.setattr(workloads, "run_case", fake_run_case)
