@@ -52,6 +52,20 @@ def _spawn(fn, world: int, *args):
             pytest.fail(f"the {world} processes did not finish within {LIMIT_S} s")
 
 
+def run_command(cmd, cwd, env) -> str:
+    """Run a (torchrun) command in its own process group; its stdout. Fails, killing the group, after LIMIT_S."""
+    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:4]} did not finish within {LIMIT_S} s:\n{out}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    return out
+
+
 def _init(rank, world, port):
     import datetime
     torch.set_num_threads(1)
@@ -129,15 +143,7 @@ def test_torchrun_trainer_end_to_end_and_resume_on_one_process(tmp_path, capsys)
            "--save", str(ckpt)]
     env = _loopback_env()
     env["CONVMIXER_KERNELS_DIST_TIMEOUT"] = "60"
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {LIMIT_S} s:\n{out}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    out = run_command(cmd, tmp_path, env)
     lines = out.splitlines()
     assert sum(line.startswith("data: ") for line in lines) == 1 and out.count("final loss") == 1, out  # rank 0 only
     assert "x 2 ranks (4 each)" in out and "6 per epoch" in out, out

@@ -70,12 +70,9 @@ def test_syncbn_without_a_process_group_is_batchnorm():
 
 def test_torchrun_trainer_with_sync_bn_equals_one_process_on_the_joint_batch(tmp_path):
     """``train --sync-bn`` on 2 ranks takes the same steps as one process on the joint batch (within rounding)."""
-    import os
-    import signal
-    import subprocess
     import sys
 
-    from test_distributed import LIMIT_S, _free_port, _loopback_env
+    from test_distributed import _free_port, _loopback_env, run_command
 
     args = ["train", "--synthetic", "--synthetic-samples", "32", "--image-size", "8", "--batch-size", "8",
             "--dim", "16", "--depth", "2", "--kernel-size", "3", "--no-progress", "--device", "cpu", "--steps", "3"]
@@ -84,15 +81,8 @@ def test_torchrun_trainer_with_sync_bn_equals_one_process_on_the_joint_batch(tmp
                     "127.0.0.1", "--master-port", str(_free_port()), "-m", "convmixer_kernels", *args, "--sync-bn",
                     "--save", str(tmp_path / "two.pt")],
             "one": [sys.executable, "-m", "convmixer_kernels", *args, "--save", str(tmp_path / "one.pt")]}
-    for name, cmd in runs.items():
-        proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=LIMIT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"{name}: did not finish within {LIMIT_S} s")
-        assert proc.returncode == 0, f"{name}:\n{out}\n{err[-3000:]}"
+    for cmd in runs.values():
+        run_command(cmd, tmp_path, env)
     two = torch.load(tmp_path / "two.pt", weights_only=True)["state_dict"]
     one = torch.load(tmp_path / "one.pt", weights_only=True)["state_dict"]
     assert two.keys() == one.keys()

@@ -292,8 +292,18 @@ def saved_after_update(y: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return _SavedAfterUpdate.apply(y, stats)
 
 
+def batch_statistics(kernels, partials: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     eps: float, sync_group: Optional[str]) -> torch.Tensor:
+    """A backend's ``finalize`` of its partials -> finalized [6, C]; under SyncBatchNorm, every rank's
+    statistics gathered and finalized again in rank order: the joint batch's."""
+    stats = kernels.finalize(partials, weight, bias, eps)
+    if sync_group:
+        stats = kernels.finalize(gather_partials(stats, sync_group), weight, bias, eps)
+    return stats
+
+
 def backward_coefficients(sums: Optional[torch.Tensor], stats: torch.Tensor, weight: Optional[torch.Tensor],
-                          use_batch_stats: bool) -> torch.Tensor:
+                          use_batch_stats: bool, sync_group: Optional[str] = None) -> torch.Tensor:
     """Per-channel [4, C] (k1, k2, mean_dy, mean) with BatchNorm's backward folded in:
     dL/dg = k1 * (dy - mean_dy) + k2 * (g - mean), where g = act(pre-activation).
 
@@ -301,10 +311,13 @@ def backward_coefficients(sums: Optional[torch.Tensor], stats: torch.Tensor, wei
     mean_dy = sum(dy) / M (``sums`` = [2, C] (sum dy, sum dy * xhat) over the batch of ``stats[COUNT]`` = M
     elements, the joint batch under SyncBatchNorm); dy - mean_dy is taken first,
     as PyTorch does: it cancels, and a separately rounded k1 * mean_dy would lose the low bits of
-    the bias gradient. Eval: k2 = mean_dy = 0.
+    the bias gradient. Eval: k2 = mean_dy = 0. Under SyncBatchNorm (``sync_group``) the sums are
+    all-reduced over the group first.
     """
     mean, rstd, count = stats[MEAN], stats[RSTD], stats[COUNT]
     k1 = rstd if weight is None else weight.float() * rstd
+    if use_batch_stats and sync_group:  # the joint batch's sums (dgamma, dbeta stay each rank's: DDP sums them)
+        sums = sum_across(sums, sync_group)
     if use_batch_stats:
         k2 = -k1 * rstd * (sums[1] / count)
         mean_dy = sums[0] / count

@@ -16,7 +16,6 @@ The activation is always its ``ACT_CODE`` int; statistics use ``ops/batchnorm.py
 the running buffers are updated once, by ``batchnorm.update_running_stats``, for every backend.
 Memory passes of each backend are in its file's docstring.
 """
-import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -28,7 +27,7 @@ from . import batchnorm
 from .activation import ACT_CODE, activation_reference
 from .alloc import empty_output, output_format
 from .batchnorm import BatchNormCall
-from .dispatch import common_unsupported, run_block
+from .dispatch import common_unsupported, on_device, refuse_double_backward, run_block
 
 OP = "depthwise_block"
 
@@ -71,11 +70,6 @@ def depthwise_block_reference(x, weight, bias, bn_weight, bn_bias, running_mean,
 # ====================================================================== the op contract
 
 
-def _on_device(x: Tensor):
-    """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("convmixer_kernels::depthwise_block_fwd", mutates_args=())
 def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
             bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -88,12 +82,10 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
     if x.numel() == 0:  # empty batch: nothing to normalize (the caller leaves running statistics alone)
         stats = torch.zeros(6, x.shape[1], dtype=torch.float32, device=x.device)
         return empty_output(x), (empty_output(x) if store_a else x.new_empty(0)), stats
-    with _on_device(x):
+    with on_device(x):
         if use_batch_stats:
             a, partials = kernels.conv_stats(x, weight, bias, act, pads)
-            stats = kernels.finalize(partials, bn_weight, bn_bias, eps)
-            if sync_group:  # SyncBatchNorm: the joint batch's statistics, every rank's combined in rank order
-                stats = kernels.finalize(batchnorm.gather_partials(stats, sync_group), bn_weight, bn_bias, eps)
+            stats = batchnorm.batch_statistics(kernels, partials, bn_weight, bn_bias, eps, sync_group)
             y = kernels.apply(a, x, stats, act)
         else:
             stats = batchnorm.finalized_from_running(running_mean, running_var, bn_weight, bn_bias, eps)
@@ -121,15 +113,13 @@ def _bwd_op(dy: Tensor, x: Tensor, a: Tensor, weight: Tensor, bn_weight: Optiona
         return (empty_output(x).zero_() if need_dx else x.new_empty(0),
                 torch.zeros_like(weight) if need_dw else x.new_empty(0),
                 weight.new_zeros(C) if need_db else x.new_empty(0), torch.zeros(C, **f32), torch.zeros(C, **f32))
-    with _on_device(x):
+    with on_device(x):
         sums = kernels.grad_sums(dy, a, stats, act) if (use_batch_stats or need_dbn) else None
         dgamma = sums[1].clone() if need_dbn else torch.zeros(C, **f32)  # clones: outputs may not alias
         dbeta = sums[0].clone() if need_dbn else torch.zeros(C, **f32)
         if not (need_dx or need_dw or need_db):
             return x.new_empty(0), x.new_empty(0), x.new_empty(0), dgamma, dbeta
-        if sync_group and use_batch_stats:  # the joint batch's sums; dgamma, dbeta stay this rank's (DDP sums them)
-            sums = batchnorm.sum_across(sums, sync_group)
-        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, use_batch_stats)
+        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, use_batch_stats, sync_group)
         dx, dw, db = kernels.input_grad(dy, a, x, weight, coef, act, (pad_top, pad_left), use_batch_stats,
                                         need_dx, need_dw, need_db)
     return dx, dw, db, dgamma, dbeta
@@ -143,14 +133,6 @@ def _(dy, x, a, weight, bn_weight, stats, use_batch_stats, act, pad_top, pad_lef
             weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
             weight.new_empty((C,)) if need_db else x.new_empty(0),
             x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32))
-
-
-def _tracing(t: Tensor) -> bool:
-    """True while torch.compile traces the backward (fake or functional tensors), not a user's create_graph."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def _setup_context(ctx, inputs, output):
@@ -170,9 +152,7 @@ def _backward(ctx, dy, _da, _dstats):
     if not store_a:
         raise RuntimeError("depthwise_block: the forward ran without keeping the pre-activation (no input "
                            "required grad then), so it cannot be differentiated")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _tracing(dy):
-        raise RuntimeError(f"depthwise_block: double backward (create_graph=True) is not supported on the {backend!r} "
-                           "backend; run this block with backend='torch' for higher-order gradients")
+    refuse_double_backward(OP, backend, dy)
     need = ctx.needs_input_grad
     bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
     need_db = need[2] and bias_dtype is not None

@@ -104,3 +104,22 @@ def common_unsupported(x: torch.Tensor, compute_dtype, *, residual: bool,
         return (f"under autocast the input dtype {x.dtype} differs from the autocast dtype {compute_dtype}, "
                 "and the residual add needs the input in its own precision")
     return None
+
+
+def on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's (both ops' bodies run under it)."""
+    import contextlib
+
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def refuse_double_backward(op: str, backend: str, grad: torch.Tensor) -> None:
+    """The fused backward ops have no autograd formula of their own: a create_graph=True backward gets
+    a clear error naming the fix (torch.compile tracing its backward is not one: fake/functional tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
+            not isinstance(grad, (FakeTensor, FunctionalTensor)):
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported on the {backend!r} "
+                           "backend; run this block with backend='torch' for higher-order gradients")

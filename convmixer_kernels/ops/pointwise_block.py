@@ -19,7 +19,6 @@ the Triton tensor-core GEMM); asking for it runs the best available backend inst
 use ``ops/batchnorm.py``'s formats; the running buffers are updated once, by
 ``batchnorm.update_running_stats``, for every backend.
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -31,7 +30,7 @@ from . import batchnorm
 from .activation import ACT_CODE, activation_reference
 from .alloc import empty_output, output_format
 from .batchnorm import BatchNormCall
-from .dispatch import common_unsupported, run_block
+from .dispatch import common_unsupported, on_device, refuse_double_backward, run_block
 
 OP = "pointwise_block"
 
@@ -52,11 +51,6 @@ def pointwise_block_reference(x, weight, bias, bn_weight, bn_bias, running_mean,
 # ====================================================================== the op contract
 
 
-def _on_device(x: Tensor):
-    """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("convmixer_kernels::pointwise_block_fwd", mutates_args=())
 def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
             bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -71,12 +65,10 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Option
     if N * H * W == 0:  # empty batch: no statistics (the caller leaves running buffers alone)
         p = x.new_empty((0, cout)) if store_p else no_p
         return empty_output(x, cout), p, torch.zeros(6, cout, dtype=torch.float32, device=x.device)
-    with _on_device(x):
+    with on_device(x):
         if use_batch_stats:
             p, partials = kernels.linear(x, weight, bias, act, True)
-            stats = kernels.finalize(partials, bn_weight, bn_bias, eps)
-            if sync_group:  # SyncBatchNorm: the joint batch's statistics, every rank's combined in rank order
-                stats = kernels.finalize(batchnorm.gather_partials(stats, sync_group), bn_weight, bn_bias, eps)
+            stats = batchnorm.batch_statistics(kernels, partials, bn_weight, bn_bias, eps, sync_group)
             z = kernels.apply(p, x, stats, act)
         else:
             stats = batchnorm.finalized_from_running(running_mean, running_var, bn_weight, bn_bias, eps)
@@ -113,15 +105,13 @@ def _bwd_op(dz: Tensor, x: Tensor, p: Tensor, weight: Tensor, bn_weight: Optiona
                 torch.zeros_like(weight) if need_dw else x.new_empty(0),
                 weight.new_zeros(cout) if need_db else x.new_empty(0), torch.zeros(cout, **f32),
                 torch.zeros(cout, **f32))
-    with _on_device(x):
+    with on_device(x):
         sums = kernels.grad_sums(dz, p, stats, act) if (use_batch_stats or need_dbn) else None
         dgamma = sums[1].clone() if need_dbn else torch.zeros(cout, **f32)  # clones: outputs may not alias
         dbeta = sums[0].clone() if need_dbn else torch.zeros(cout, **f32)
         if not (need_dx or need_dw or need_db):
             return x.new_empty(0), x.new_empty(0), x.new_empty(0), dgamma, dbeta
-        if sync_group and use_batch_stats:  # the joint batch's sums; dgamma, dbeta stay this rank's (DDP sums them)
-            sums = batchnorm.sum_across(sums, sync_group)
-        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, use_batch_stats)
+        coef = batchnorm.backward_coefficients(sums, stats, bn_weight, use_batch_stats, sync_group)
         dx, dw, db = kernels.input_grad(dz, p, x, weight, coef, act, use_batch_stats, need_dx, need_dw, need_db)
     return dx, dw, db, dgamma, dbeta
 
@@ -135,14 +125,6 @@ def _(dz, x, p, weight, bn_weight, stats, use_batch_stats, act, need_dx, need_dw
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else x.new_empty(0)
     db = weight.new_empty((cout,)) if need_db else x.new_empty(0)
     return dx, dw, db, x.new_empty((cout,), dtype=torch.float32), x.new_empty((cout,), dtype=torch.float32)
-
-
-def _tracing(t: Tensor) -> bool:
-    """True while torch.compile traces the backward (fake or functional tensors), not a user's create_graph."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def _setup_context(ctx, inputs, output):
@@ -161,9 +143,7 @@ def _backward(ctx, dz, _dp, _dstats):
     if not store_p:
         raise RuntimeError("pointwise_block: the forward ran without keeping the pre-activation (no input "
                            "required grad then), so it cannot be differentiated")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _tracing(dz):
-        raise RuntimeError(f"pointwise_block: double backward (create_graph=True) is not supported on the {backend!r} "
-                           "backend; run this block with backend='torch' for higher-order gradients")
+    refuse_double_backward(OP, backend, dz)
     need = ctx.needs_input_grad
     bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
     need_db = need[2] and bias_dtype is not None
