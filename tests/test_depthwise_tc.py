@@ -1,0 +1,180 @@
+"""The tensor-core depthwise conv (ops/triton/depthwise_tc.py, issue 11): forward with BatchNorm partials,
+eval forward, dx = dy + conv^T(da), dw/db, and the whole block with these kernels in place of the
+CUDA-core ones, against float64 references under verify.py's precision rule.
+
+Without a GPU these run in the Triton interpreter (tests/conftest.py) on tiny shapes, where the
+kernel's bf16/fp16 dot operands are upcast to fp32 (exact products, fp32 sums) and its outputs
+rounded to nearest as a GPU rounds them. Outputs are poisoned with NaN before every launch
+(CONVMIXER_KERNELS_POISON=1, conftest.py): an element left unwritten fails the finiteness checks.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convmixer_kernels import backends
+from convmixer_kernels.ops import alloc
+from convmixer_kernels.ops import depthwise_block as D
+from convmixer_kernels.ops.activation import ACT_CODE, activation_reference
+from convmixer_kernels.ops.batchnorm import MEAN, RSTD
+from convmixer_kernels.ops.triton import depthwise_tc as TC
+from convmixer_kernels.verify import compare, format_rows
+from harness import DEVICE, backends_under_test, check_block
+
+pytestmark = pytest.mark.skipif("triton" not in backends_under_test(D.OP),
+                                reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET)")
+
+# (shape, k): odd and even k, partial row blocks and W-tiles, and k = 13 larger than a 6x6 map
+CASES = [((2, 3, 9, 11), 7), ((2, 3, 9, 11), 8), ((1, 3, 7, 18), 9), ((1, 2, 6, 6), 13)]
+IDS = ["k7", "k8", "k9-two-w-tiles", "k13-over-6x6"]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def _t(shape, seed, dtype, layout, scale=1.0):
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(DEVICE, dtype)
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def _pads(k):
+    return D.same_padding("same", (k, k))
+
+
+def _conv(x, w, b, pads):
+    """F.conv2d with (top, left) pads and the rest at the bottom / right (padding="same" for even k too)."""
+    kh, kw = w.shape[-2:]
+    xp = F.pad(x, (pads[1], kw - 1 - pads[1], pads[0], kh - 1 - pads[0]))
+    return F.conv2d(xp, w, b, groups=x.shape[1])
+
+
+def _check(rows):
+    assert all(r.ok for r in rows), format_rows(rows, only_failures=True)
+
+
+def _finite(*ts):
+    for t in ts:
+        assert torch.isfinite(t).all(), "an output element was left unwritten (poisoned NaN survived)"
+
+
+def test_outputs_are_poisoned_here():
+    assert alloc.poisoning(), "conftest.py sets CONVMIXER_KERNELS_POISON=1: outputs start as NaN"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,k", CASES, ids=IDS)
+def test_conv_stats(shape, k, layout):
+    """a = conv(x) + b against float64 F.conv2d; the partials, finalized, against torch's batch statistics
+    of act(a) (of the stored a, and of the float64 a)."""
+    dtype = torch.bfloat16
+    C = shape[1]
+    x = _t(shape, 1, dtype, layout)
+    w = _t((C, 1, k, k), 2, dtype, "nchw", 0.3)
+    b = _t((C,), 3, dtype, "nchw", 0.2)
+    pads = _pads(k)
+    a, part = TC.conv_stats(x, w, b, ACT_CODE["gelu"], pads)
+    _finite(a, part)
+    assert a.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    ref64 = _conv(x.double(), w.double(), b.double(), pads)
+    ref_d = _conv(x, w, b, pads)
+    rows = [compare("a", a, ref_d, ref64, dtype)]
+    fin = TC.finalize(part, None, None, 1e-5)
+    g = activation_reference(a.double(), "gelu")
+    g64 = activation_reference(ref64, "gelu")
+    mean, var = g.mean((0, 2, 3)), g.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(fin[MEAN].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fin[RSTD].double(), 1 / torch.sqrt(var + 1e-5), rtol=1e-5, atol=1e-6)
+    g_d = activation_reference(ref_d.float(), "gelu")
+    rows.append(compare("mean", fin[MEAN], g_d.mean((0, 2, 3)), g64.mean((0, 2, 3)), dtype))
+    rows.append(compare("var", 1 / fin[RSTD].double() ** 2 - 1e-5, g_d.var((0, 2, 3), unbiased=False),
+                        g64.var((0, 2, 3), unbiased=False), dtype))
+    _check(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,k", CASES[1:3] + CASES[3:], ids=IDS[1:])
+def test_input_and_weight_grads(shape, k, layout, dtype):
+    """dx = dy + conv^T(da) (the forward kernel, flipped, transposed padding) and dw, db, against autograd
+    of the float64 reference conv (and of the same-dtype one for the bound)."""
+    if dtype == torch.float16 and shape != CASES[1][0]:
+        pytest.skip("fp16: one case (the kernels are dtype-generic)")
+    C = shape[1]
+    x = _t(shape, 4, dtype, layout)
+    w = _t((C, 1, k, k), 5, dtype, "nchw", 0.3)
+    da = _t(shape, 6, dtype, layout)
+    dy = _t(shape, 7, dtype, layout)
+    pads = _pads(k)
+    dx = TC.conv_transpose_add(da, dy, w, pads)
+    dwk, dbk = TC.weight_grad(da, x, k, k, pads)
+    dw = dwk.t().reshape(w.shape)
+    _finite(dx, dwk, dbk)
+    assert dx.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    grads = {}
+    for name, dt in (("64", torch.float64), ("d", dtype)):
+        xr = x.detach().to(dt).requires_grad_(True)
+        wr = w.detach().to(dt).requires_grad_(True)
+        br = torch.zeros(C, dtype=dt, device=DEVICE, requires_grad=True)
+        gx, gw, gb = torch.autograd.grad(_conv(xr, wr, br, pads), (xr, wr, br), da.to(dt))
+        grads[name] = (dy.to(dt) + gx, gw, gb)
+    rows = [compare(n, got, r_d, r64, dtype) for n, got, r_d, r64 in
+            zip(("dx", "dw", "db"), (dx, dw, dbk), grads["d"], grads["64"])]
+    _check(rows)
+    # input_grad's da and db come from the da kernel (eval, relu, k1 = 1: da = relu'(a) * dy, exact)
+    coef = torch.zeros(4, C, device=DEVICE)
+    coef[0] = 1.0
+    da2, db2 = TC.pre_activation_grad(dy, x, coef, ACT_CODE["relu"], False)
+    da_ref = torch.where(x.double() > 0, dy.double(), 0.0)
+    assert torch.equal(da2.double(), da_ref)
+    torch.testing.assert_close(db2.double(), da_ref.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_grad_is_deterministic():
+    shape, k = (2, 3, 9, 11), 8
+    x = _t(shape, 1, torch.bfloat16, "channels_last")
+    da = _t(shape, 2, torch.bfloat16, "channels_last")
+    one = TC.weight_grad(da, x, k, k, _pads(k))
+    two = TC.weight_grad(da, x, k, k, _pads(k))
+    assert all(torch.equal(p, q) for p, q in zip(one, two))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_conv_apply(layout):
+    """y = act(conv(x) + b) * scale + shift + x in one kernel, a stored on request."""
+    shape, k, dtype = (2, 3, 9, 11), 9, torch.bfloat16
+    C = shape[1]
+    x = _t(shape, 1, dtype, layout)
+    w = _t((C, 1, k, k), 2, dtype, "nchw", 0.3)
+    b = _t((C,), 3, dtype, "nchw", 0.2)
+    fin = torch.zeros(6, C)
+    fin[4] = torch.rand(C, generator=torch.Generator().manual_seed(4)) + 0.5
+    fin[5] = torch.randn(C, generator=torch.Generator().manual_seed(5)) * 0.2
+    fin = fin.to(DEVICE)
+    y, a = TC.conv_apply(x, w, b, fin, ACT_CODE["gelu"], _pads(k), True)
+    _finite(y, a)
+
+    def ref(dt):
+        a_ = _conv(x.to(dt), w.to(dt), b.to(dt), _pads(k))
+        return activation_reference(a_, "gelu") * fin[4].to(dt)[:, None, None] + fin[5].to(dt)[:, None, None] + x.to(dt)
+
+    _check([compare("y", y, ref(dtype), ref(torch.float64), dtype)])
+    y2, a2 = TC.conv_apply(x, w, b, fin, ACT_CODE["gelu"], _pads(k), False)
+    assert torch.equal(y, y2) and a2.numel() == 0
+
+
+@pytest.mark.parametrize("layout,k", [("channels_last", 8), ("nchw", 9)])
+def test_block_with_tc_kernels(monkeypatch, layout, k):
+    """The whole depthwise block (train steps, then eval) with this module as the Triton kernels: conv_stats,
+    finalize, apply, grad_sums, input_grad (da materialized, dx and dw on tensor cores), conv_apply."""
+    entry = backends._REGISTRY[D.OP]
+    monkeypatch.setitem(entry.loaded, "triton", TC)
+    check_block("depthwise", "triton", dim=3, shape=(2, 3, 7, 9), k=k, dtype=torch.bfloat16, layout=layout,
+                steps=1, eval_steps=1)
+
+
+def test_unsupported_and_choice():
+    x = torch.empty(2, 4, 8, 8, dtype=torch.bfloat16)
+    w9 = torch.empty(4, 1, 9, 9, dtype=torch.bfloat16)
+    assert TC.tc_unsupported(x, w9) is None and TC.choose_path(x, w9) == "tc"
+    assert "dtype" in TC.tc_unsupported(x.float(), w9.float())
+    assert TC.choose_path(x.float(), w9.float()) == "cuda_core"
+    w5 = torch.empty(4, 1, 5, 5, dtype=torch.bfloat16)
+    assert "kernel" in TC.tc_unsupported(x, w5) and TC.choose_path(x, w5) == "cuda_core"
+    assert TC.tc_unsupported(x.half(), w9.half()) is None
