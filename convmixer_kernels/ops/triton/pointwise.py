@@ -12,6 +12,11 @@ A 1x1 conv is a GEMM in the [M = N*H*W, C] view of the activations. One strided 
   two GEMMs with the same kernel: dr = dp W and dW = dp^T r (split-K with a fixed-order
   reduction when the output has too few tiles to fill the GPU).
 
+Whole-layer fusion (design.md 3.3, ``ops/prologue.py``): ``linear(..., prologue=Operand)`` and
+``input_grad(..., prologue=Operand)`` build r = act(a)*s1 + t1 + residual' on load (the forward's A
+operand; the weight gradient's B operand) instead of reading a stored r; ``_build_operand`` rounds as
+``operand_reference`` does.
+
 All reductions add tiles in a fixed order (``common.sum_rows``; no atomics), so results are
 bitwise reproducible. The GEMM reads every operand through strides, so NCHW, channels_last and
 strided views are read in place (no copies): the pixel index m of an [N, C, H, W] tensor is
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from ..alloc import empty, empty_output
 from ..batchnorm import MEAN, RSTD, SCALE, SHIFT
+from ..prologue import ACT_NAME, Affine, Operand
 from .activation import (_INV_SQRT_2PI, _SQRT1_2, _SQRT_2_OVER_PI, _TANH_COEF, _TANH_COEF_X3, _tanh, act_fwd,
                          act_grad)
 from .batchnorm import finalize  # noqa: F401  (part of this backend's contract)
@@ -57,17 +63,27 @@ def _offsets(idx, D1, D2, S0, S1, S2, DIMS: tl.constexpr):
 def _gemm_kernel(
         a_ptr, b_ptr, c_ptr,
         bias_ptr, scale_ptr, shift_ptr, part_ptr,  # epilogue inputs / statistics output
-        pro_scale_ptr, pro_shift_ptr, res_ptr,  # A-side prologue inputs (design.md 3.3)
+        pro_scale_ptr, pro_shift_ptr, res_ptr, res_scale_ptr, res_shift_ptr,  # prologue inputs (design.md 3.3)
         I, J, K, k_per_split, part_plane,  # part_plane = T * J, one plane of the partials
         a_d1, a_d2, a_s0, a_s1, a_s2, stride_ak,  # A[i, k] at offsets(i) + k * stride_ak
         b_d1, b_d2, b_s0, b_s1, b_s2, stride_bj,  # B[k, j] at offsets(k) + j * stride_bj
         c_d1, c_d2, c_s0, c_s1, c_s2, stride_cj, stride_csplit,  # C[i, j] (+ split * stride_csplit)
+        r_d1, r_d2, r_s0, r_s1, r_s2, stride_rc,  # residual[pixel, channel] at offsets(pixel) + channel * stride_rc
         A_DIMS: tl.constexpr, B_DIMS: tl.constexpr, C_DIMS: tl.constexpr,
-        PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
+        PRO_ACT: tl.constexpr, PRO_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, PRO_B: tl.constexpr,
+        RES_DIMS: tl.constexpr, RES_ACT: tl.constexpr, RES_AFFINE: tl.constexpr,
         HAS_BIAS: tl.constexpr, STATS: tl.constexpr, APPLY: tl.constexpr, ACT: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EPI_SPLIT: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_I: tl.constexpr):
-    """C = A' B (+ epilogue), fp32 accumulation; A' = A, or the prologue's act(A)*s[k]+t[k] (+ res).
+    """C = A' B' (+ epilogue), fp32 accumulation, with an optional operand prologue (design.md 3.3).
+
+    Prologue (``_build_operand``; all switches off: A' = A, B' = B): one operand, whose pixel index
+    runs along one GEMM axis and channel index along the other, is built on load as
+    affine(v) + res', affine(v) = act(v)*s[c] + t[c] (PRO_ACT >= 0, PRO_AFFINE), res' =
+    act(res)*rs[c] + rt[c] (RES_ACT, RES_AFFINE) or res (HAS_RES). PRO_B False: A' (pixels along I,
+    channels along K: the forward); PRO_B True: B' (pixels along K, channels along J: the weight
+    gradient's r), its per-channel vectors loaded once per program. RES_DIMS 0: the residual shares the
+    operand's offsets; 1-3: it is read through its own pixel axis (r_*, ``_offsets``) and stride_rc.
 
     Epilogue switches: HAS_BIAS adds bias[j]; STATS writes per-tile (count, mean, M2) of
     act(C) per column into partials [3, cdiv(I, BLOCK_I), J]; APPLY stores act(C)*scale[j]+shift[j]
@@ -98,26 +114,44 @@ def _gemm_kernel(
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     if HAS_BIAS:  # the accumulator starts at the bias: no per-column vector held through the epilogue
         acc += tl.load(bias_ptr + rj, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+    if PRO_ACT >= 0 or PRO_AFFINE or HAS_RES:
+        if PRO_B:  # B's channels run along J: the per-channel vectors are the same for every K step
+            s, t, rs, rt = _channel_vectors(rj, mask_j, pro_scale_ptr, pro_shift_ptr, res_scale_ptr,
+                                            res_shift_ptr, PRO_AFFINE, HAS_RES and RES_AFFINE)
+            if HAS_RES and RES_DIMS > 0:
+                res_cols = rj.to(tl.int64) * stride_rc
+        elif HAS_RES and RES_DIMS > 0:
+            res_rows = _offsets(ri, r_d1, r_d2, r_s0, r_s1, r_s2, RES_DIMS)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
         mask_k = kk < k_hi
         mask_a = mask_i[:, None] & mask_k[None, :]
         a_off = a_rows[:, None] + kk.to(tl.int64)[None, :] * stride_ak
         a = tl.load(a_ptr + a_off, mask=mask_a, other=0.0)
-        if PRO_ACT >= 0 or PRO_AFFINE or HAS_RES:
-            g = a.to(tl.float32)
-            if PRO_ACT >= 0:
-                g = act_fwd(g, PRO_ACT)
-            if PRO_AFFINE:
-                s = tl.load(pro_scale_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-                t = tl.load(pro_shift_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-                g = g * s[None, :] + t[None, :]
-            if HAS_RES:  # the residual shares A's layout
-                g += tl.load(res_ptr + a_off, mask=mask_a, other=0.0).to(tl.float32)
-            a = tl.where(mask_a, g, 0.0).to(a_ptr.dtype.element_ty)  # padding lanes must stay 0
+        if (PRO_ACT >= 0 or PRO_AFFINE or HAS_RES) and not PRO_B:
+            s, t, rs, rt = _channel_vectors(kk, mask_k, pro_scale_ptr, pro_shift_ptr, res_scale_ptr,
+                                            res_shift_ptr, PRO_AFFINE, HAS_RES and RES_AFFINE)
+            res = a
+            if HAS_RES:
+                if RES_DIMS > 0:
+                    res = tl.load(res_ptr + res_rows[:, None] + kk.to(tl.int64)[None, :] * stride_rc, mask=mask_a,
+                                  other=0.0)
+                else:  # the residual shares A's layout
+                    res = tl.load(res_ptr + a_off, mask=mask_a, other=0.0)
+            a = _build_operand(a, mask_a, s, t, res, rs, rt, PRO_ACT, PRO_AFFINE, HAS_RES, RES_ACT, RES_AFFINE)
         b_rows = _offsets(kk, b_d1, b_d2, b_s0, b_s1, b_s2, B_DIMS)
         b = tl.load(b_ptr + b_rows[:, None] + b_cols[None, :], mask=mask_k[:, None] & mask_j[None, :],
                     other=0.0)
+        if (PRO_ACT >= 0 or PRO_AFFINE or HAS_RES) and PRO_B:
+            mask_b = mask_k[:, None] & mask_j[None, :]
+            res = b
+            if HAS_RES:
+                if RES_DIMS > 0:
+                    res_rows = _offsets(kk, r_d1, r_d2, r_s0, r_s1, r_s2, RES_DIMS)
+                    res = tl.load(res_ptr + res_rows[:, None] + res_cols[None, :], mask=mask_b, other=0.0)
+                else:  # the residual shares B's layout
+                    res = tl.load(res_ptr + b_rows[:, None] + b_cols[None, :], mask=mask_b, other=0.0)
+            b = _build_operand(b, mask_b, s, t, res, rs, rt, PRO_ACT, PRO_AFFINE, HAS_RES, RES_ACT, RES_AFFINE)
         if DOT_F32:  # the interpreter's bf16 dot is wrong (gpu.md); bf16 products are exact in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -141,6 +175,47 @@ def _gemm_kernel(
             q2, q3 = _halves(acc1, BLOCK_I, BLOCK_J // 2)
             _epilogue(q2, rj0 + BLOCK_J // 2, *ep, STATS, APPLY, ACT, BLOCK_I)
             _epilogue(q3, rj0 + 3 * (BLOCK_J // 4), *ep, STATS, APPLY, ACT, BLOCK_I)
+
+
+@triton.jit
+def _channel_vectors(ch, mask_ch, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr, AFFINE: tl.constexpr,
+                     RES_AFFINE: tl.constexpr):
+    """(s, t, rs, rt) at channels ``ch`` as float32 (0 where a switch is off: placeholders never read)."""
+    s = 0.0
+    t = 0.0
+    rs = 0.0
+    rt = 0.0
+    if AFFINE:
+        s = tl.load(scale_ptr + ch, mask=mask_ch, other=0.0).to(tl.float32)
+        t = tl.load(shift_ptr + ch, mask=mask_ch, other=0.0).to(tl.float32)
+    if RES_AFFINE:
+        rs = tl.load(res_scale_ptr + ch, mask=mask_ch, other=0.0).to(tl.float32)
+        rt = tl.load(res_shift_ptr + ch, mask=mask_ch, other=0.0).to(tl.float32)
+    return s, t, rs, rt
+
+
+@triton.jit
+def _build_operand(v, mask, s, t, res, rs, rt, ACT: tl.constexpr, AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
+                   RES_ACT: tl.constexpr, RES_AFFINE: tl.constexpr):
+    """One operand tile [rows, channels] as ``prologue.operand_reference`` rounds it: affine(v) =
+    act(v)*s + t in float32, plus (HAS_RES) the residual term, itself rounded to the residual's dtype
+    (res_act(res)*rs + rt, or res as loaded: a stored z), the sum rounded once to v's dtype; 0 outside
+    ``mask`` (the padding lanes must stay 0: act(0)*s + t need not be). s, t, rs, rt: per channel (axis 1)."""
+    g = v.to(tl.float32)
+    if ACT >= 0:
+        g = act_fwd(g, ACT)
+    if AFFINE:
+        g = g * s[None, :] + t[None, :]
+    if HAS_RES:
+        if RES_ACT >= 0 or RES_AFFINE:
+            h = res.to(tl.float32)
+            if RES_ACT >= 0:
+                h = act_fwd(h, RES_ACT)
+            if RES_AFFINE:
+                h = h * rs[None, :] + rt[None, :]
+            res = h.to(res.dtype)
+        g += res.to(tl.float32)
+    return tl.where(mask, g, 0.0).to(v.dtype)
 
 
 @triton.jit
@@ -411,16 +486,33 @@ def gemm(a: Tensor, a_rows: _Axis, stride_ak: int, b: Tensor, b_k: _Axis, stride
          bias: Optional[Tensor] = None, stats: bool = False, apply: Optional[Tuple[Tensor, Tensor]] = None,
          act: int = 0, prologue: Optional[dict] = None, split_k: int = 1, stride_csplit: int = 0,
          config: Optional[GemmConfig] = None) -> Optional[Tensor]:
-    """Launch ``_gemm_kernel``: C[i, j] = sum_k A'[i, k] B[k, j] (+ epilogue); returns the partials if ``stats``.
+    """Launch ``_gemm_kernel``: C[i, j] = sum_k A'[i, k] B'[k, j] (+ epilogue); returns the partials if ``stats``.
 
     Layouts are given per axis (``_Axis`` for the axes that may be pixel indices, a plain stride for
-    the others). ``prologue`` = dict(act=code or -1, scale=, shift=, residual=) applies
-    A' = act(A) * scale[k] + shift[k] + residual[i, k] on load (residual in A's layout). With
-    ``split_k`` > 1 program axis 1 splits K and split s writes C + s * stride_csplit.
+    the others). ``prologue`` = dict(act=code or -1, scale=, shift=, residual=, res_act=code or -1,
+    res_scale=, res_shift=, res_rows=_Axis, res_stride=, on_b=False), every key optional, builds one
+    operand on load (``_build_operand``): A' = act(A) * scale[k] + shift[k] + res'[i, k], or with
+    ``on_b`` B' = act(B) * scale[j] + shift[j] + res'[k, j]; res' = res_act(residual) * res_scale +
+    res_shift rounded to the residual's dtype, or the residual itself. The residual is read through
+    ``res_rows`` (its pixel axis) and ``res_stride`` (its channel stride), or without them in the
+    operand's own layout. With ``split_k`` > 1 program axis 1 splits K and split s writes C + s * stride_csplit.
     """
     if a.dtype != b.dtype:
         raise RuntimeError(f"gemm: operand dtypes differ ({a.dtype} and {b.dtype})")
-    pro = prologue or {}
+    pro = {k: v for k, v in (prologue or {}).items() if v is not None}
+    unknown = set(pro) - _PROLOGUE_KEYS
+    if unknown:
+        raise ValueError(f"gemm: unknown prologue keys {sorted(unknown)}")
+    for pair in (("scale", "shift"), ("res_scale", "res_shift")):
+        if (pair[0] in pro) != (pair[1] in pro):
+            raise ValueError(f"gemm: prologue {pair[0]} and {pair[1]} go together")
+    has_res = "residual" in pro
+    res_rows = pro.get("res_rows") if has_res else None
+    # the prologue's constexprs (all off: the kernel without a prologue)
+    switches = dict(PRO_ACT=pro.get("act", -1), PRO_AFFINE="scale" in pro, HAS_RES=has_res,
+                    PRO_B=bool(pro.get("on_b")) and (pro.get("act", -1) >= 0 or "scale" in pro or has_res),
+                    RES_DIMS=res_rows.dims if res_rows else 0, RES_ACT=pro.get("res_act", -1) if has_res else -1,
+                    RES_AFFINE=has_res and "res_scale" in pro)
     dummy = c
     interp = interpreting(c.device)
     precision = "ieee" if interp else _dot_precision(a.dtype, a.device)
@@ -441,25 +533,30 @@ def gemm(a: Tensor, a_rows: _Axis, stride_ak: int, b: Tensor, b_k: _Axis, stride
             bias if bias is not None else dummy,
             apply[0] if apply else dummy, apply[1] if apply else dummy,
             part if part is not None else dummy,
-            pro.get("scale", dummy) if pro.get("scale") is not None else dummy,
-            pro.get("shift", dummy) if pro.get("shift") is not None else dummy,
-            pro.get("residual") if pro.get("residual") is not None else dummy,
+            pro.get("scale", dummy), pro.get("shift", dummy), pro.get("residual", dummy),
+            pro.get("res_scale", dummy) if switches["RES_AFFINE"] else dummy,
+            pro.get("res_shift", dummy) if switches["RES_AFFINE"] else dummy,
             I, J, K, k_per_split, triton.cdiv(I, cfg.block_i) * J,
             *a_rows.args(), stride_ak, *b_k.args(), stride_bj, *c_rows.args(), stride_cj, stride_csplit,
-            A_DIMS=a_rows.dims, B_DIMS=b_k.dims, C_DIMS=c_rows.dims,
-            PRO_ACT=pro.get("act", -1), PRO_AFFINE=pro.get("scale") is not None,
-            HAS_RES=pro.get("residual") is not None,
+            *(res_rows.args() if res_rows else (0,) * 5), pro.get("res_stride", 0) if res_rows else 0,
+            A_DIMS=a_rows.dims, B_DIMS=b_k.dims, C_DIMS=c_rows.dims, **switches,
             HAS_BIAS=bias is not None, STATS=stats, APPLY=apply is not None, ACT=act,
             DOT_F32=dot_f32, PRECISION=precision, EPI_SPLIT=cfg.epi_split, **cfg.meta())
 
     if config is None:
+        res_dt = pro["residual"].dtype if has_res else None
         key = (I, J, K, a.dtype, c.dtype, a_rows.dims, b_k.dims, c_rows.dims, stride_ak == 1, stride_bj == 1,
-               stride_cj == 1, bias is not None, stats, apply is not None, act, tuple(sorted(pro)), split_k,
+               stride_cj == 1, bias is not None, stats, apply is not None, act,
+               tuple(sorted(switches.items())), res_dt, bool(res_rows) and pro.get("res_stride") == 1, split_k,
                precision, a.device.index)
         default = default_config(a.dtype, stats, apply is not None, key)
         config = _pick_config(key, I, J, default, launch, c.device)
     launch(config)
     return part_for(config)
+
+
+_PROLOGUE_KEYS = {"act", "scale", "shift", "residual", "res_act", "res_scale", "res_shift", "res_rows", "res_stride",
+                  "on_b"}
 
 
 def split_plan(K: int, split_k: int) -> Tuple[int, int]:
@@ -553,14 +650,58 @@ def unsupported(**config) -> Optional[str]:
     return None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, stats: bool):
-    """p = r W^T + b as a row-major [M, Cout] matrix, and (``stats``) the [3, T, Cout] partials of act(p)."""
+def _affine_args(affine: Affine, channels: int, what: str) -> Tuple[int, Tensor, Tensor]:
+    """(act code, scale, shift) of a prologue ``Affine`` over ``channels`` channels (contiguous rows)."""
+    fin = affine.finalized
+    if fin.dim() != 2 or fin.shape[0] < 6 or fin.shape[1] != channels:
+        raise RuntimeError(f"pointwise_block (triton): the prologue's {what} has finalized statistics of shape "
+                           f"{tuple(fin.shape)}, expected [6, {channels}]")
+    if affine.act not in ACT_NAME:
+        raise RuntimeError(f"pointwise_block (triton): the prologue's {what} has unknown activation code {affine.act}")
+    return affine.act, fin[SCALE].contiguous(), fin[SHIFT].contiguous()
+
+
+def _operand_prologue(operand: Optional[Operand], x: Tensor, on_b: bool) -> Optional[dict]:
+    """``gemm``'s prologue dict for r = ``operand_reference(x, operand)`` built on load of x (the A operand,
+    or with ``on_b`` the B operand); the residual is read through its own strides where they differ from x's."""
+    if operand is None:
+        return None
+    cin = x.shape[1]
+    pro = dict(on_b=on_b)
+    if operand.affine is not None:
+        pro["act"], pro["scale"], pro["shift"] = _affine_args(operand.affine, cin, "affine")
+    res = operand.residual
+    if res is None:
+        if operand.residual_affine is not None:
+            raise RuntimeError("pointwise_block (triton): the prologue has a residual_affine but no residual")
+        return pro
+    if tuple(res.shape) != tuple(x.shape) or res.device != x.device:
+        raise RuntimeError(f"pointwise_block (triton): the prologue's residual of shape {tuple(res.shape)} on "
+                           f"{res.device} does not match the input of shape {tuple(x.shape)} on {x.device}")
+    if not res.is_floating_point():
+        raise RuntimeError(f"pointwise_block (triton): the prologue's residual is {res.dtype}, not a float tensor")
+    pro["residual"] = res
+    rows = _pixels(res)
+    if rows != _pixels(x) or res.stride(1) != x.stride(1):  # its own layout: read through its own strides
+        pro["res_rows"], pro["res_stride"] = rows, res.stride(1)
+    if operand.residual_affine is not None:
+        pro["res_act"], pro["res_scale"], pro["res_shift"] = _affine_args(operand.residual_affine, cin,
+                                                                          "residual_affine")
+    return pro
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, stats: bool,
+           prologue: Optional[Operand] = None):
+    """p = r W^T + b as a row-major [M, Cout] matrix, and (``stats``) the [3, T, Cout] partials of act(p).
+
+    r = x, or with ``prologue`` r = ``operand_reference(x, prologue)`` built as the GEMM loads its A operand
+    (``ops/prologue.py``: r = act(x)*s + t + residual', never stored)."""
     N, _, H, W = x.shape
     cout, cin, s_wo, s_wi = _conv_weight(weight)
     M = N * H * W
     p = empty((M, cout), dtype=x.dtype, device=x.device)
     part = gemm(x, _pixels(x), x.stride(1), weight, _linear(s_wi), s_wo, p, _linear(cout), 1, M, cout, cin,
-                bias=bias, stats=stats, act=act)
+                bias=bias, stats=stats, act=act, prologue=_operand_prologue(prologue, x, on_b=False))
     return p, part
 
 
@@ -600,9 +741,13 @@ def grad_sums(dz: Tensor, p: Tensor, stats: Tensor, act: int) -> Tensor:
 
 
 def input_grad(dz: Tensor, p: Tensor, x: Tensor, weight: Tensor, coef: Tensor, act: int, train: bool,
-               need_dx: bool, need_dw: bool, need_db: bool):
+               need_dx: bool, need_dw: bool, need_db: bool, prologue: Optional[Operand] = None):
     """(dx, dW, db): dp = act'(p) * (k1*(dz - mean_dy) + k2*(act(p) - mean)) materialized once (coef = [4, Cout]),
-    then dx = dp W and dW = dp^T r; a gradient not asked for is an empty tensor."""
+    then dx = dp W and dW = dp^T r; a gradient not asked for is an empty tensor.
+
+    r = x, or with ``prologue`` r = ``operand_reference(x, prologue)``, built as the weight-gradient GEMM
+    loads its B operand (channels along J: the per-channel vectors are loaded once per program). dx is
+    the gradient with respect to r either way."""
     M, cout = p.shape
     cin = weight.shape[1]
     _, _, s_wo, s_wi = _conv_weight(weight)
@@ -623,14 +768,15 @@ def input_grad(dz: Tensor, p: Tensor, x: Tensor, weight: Tensor, coef: Tensor, a
     dw = x.new_empty(0)
     if need_dw:  # dW[cout, cin] = sum_m dp[m, cout] x[m, cin]: K = M, split when the output is small
         split = _split_k(cout, cin, M, x.dtype, dev)
+        pro = _operand_prologue(prologue, x, on_b=True)
         if split == 1:
             dw = empty((cout, cin), dtype=weight.dtype, device=dev)
-            gemm(dp, _linear(1), cout, x, _pixels(x), x.stride(1), dw, _linear(cin), 1, cout, cin, M)
+            gemm(dp, _linear(1), cout, x, _pixels(x), x.stride(1), dw, _linear(cin), 1, cout, cin, M, prologue=pro)
         else:
             _, split = split_plan(M, split)
             part_w = empty((split, cout, cin), dtype=torch.float32, device=dev)
             gemm(dp, _linear(1), cout, x, _pixels(x), x.stride(1), part_w, _linear(cin), 1, cout, cin, M,
-                 split_k=split, stride_csplit=cout * cin)
+                 prologue=pro, split_k=split, stride_csplit=cout * cin)
             dw = sum_rows(part_w, dtype=weight.dtype)
         dw = dw.view(weight.shape)
     return dx, dw, db
