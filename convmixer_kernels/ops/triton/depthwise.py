@@ -17,6 +17,15 @@ N*C*H*W tensor:
   order. The stored da costs 2 units over the design's 6 and takes the per-tap reductions and
   partial read-modify-writes out of the dx kernel.
 
+Input-side prologue (design.md 3.3, ``ops/prologue.py``): ``conv_stats`` and ``input_grad`` take
+``prologue=Affine``; the kernels that read x (``_conv_kernel``, ``_weight_grad_kernel``) then build
+z = act(x) * s + t while they stage x (``_stage``: once per staged element, rounded to x's dtype, the
+zero padding applied to z), so the counts above do not change: x is read where a stored z would
+have been, and no pass is added. It is the constexpr PRO_ACT of those kernels (-1: off, the code
+compiled without a prologue is unchanged). It costs instructions instead: act and the affine run
+per staged element, and elements are staged more than once (the conv's halo, 4x the tile at k = 9
+on 8x8 tiles; the weight gradient stages each x band once per tap row).
+
 The conv kernels (forward, dx) stage each tile's input window (tile + halo, zero padded,
 channel-fastest) into the program's scratch slot once; the taps then read it at compile-time
 offsets with no masks, column taps unrolled, rows reaching the map only, weights float32
@@ -40,6 +49,7 @@ import triton.language as tl
 
 from ..alloc import empty, empty_like, empty_output
 from ..batchnorm import SCALE, SHIFT, MEAN, RSTD
+from ..prologue import Affine
 from .activation import act_fwd, act_grad
 from .batchnorm import _chan, finalize  # noqa: F401  (finalize is part of this backend's contract)
 from .common import Autotuner, interpreting, needs_int64, num_sms, p2, static_active, sum_rows
@@ -76,19 +86,32 @@ def _offsets(n, h, w, c, sn, sc, sh, sw):
 
 
 @triton.jit
-def _stage(src_ptr, slot, n, r0, q0, c, cmask, H, W, sn, sc, sh, sw,
-           ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stage(src_ptr, slot, n, r0, q0, c, cmask, H, W, sn, sc, sh, sw, pro_s_ptr, pro_t_ptr,
+           ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+           PRO_ACT: tl.constexpr):
     """slot[(r*COLS + q)*BLOCK_C + cl] = src[n, c, r0 + r, q0 + q] for r < ROWS, q < COLS, in the slot's
     dtype, zero outside the map and past C: the window a tile's taps read, channel-fastest whatever the
-    layout (vector loads of every tap), its zero padding written once so the taps need no masks."""
+    layout (vector loads of every tap), its zero padding written once so the taps need no masks.
+
+    PRO_ACT >= 0 (an input-side prologue, ``prologue.Affine``): the window holds
+    z = act(src) * s[c] + t[c] instead (fp32 math rounded to src's dtype, as a stored z would be),
+    computed once per staged element; the zero padding applies to z (masked after the affine, so a
+    tap outside the map reads 0, not act(0) * s + t). pro_s_ptr, pro_t_ptr: the float32 s and t
+    (``finalized[SCALE]``, ``finalized[SHIFT]``), unused when PRO_ACT < 0."""
     cl = tl.arange(0, BLOCK_C)
+    if PRO_ACT >= 0:  # per call (L1 hits), not per program: nothing held in registers across the caller's loop
+        pro_s = tl.load(pro_s_ptr + c, mask=cmask, other=0.0)
+        pro_t = tl.load(pro_t_ptr + c, mask=cmask, other=0.0)
     for s0 in range(0, ROWS * COLS, CHUNK):
         s = s0 + tl.arange(0, CHUNK)
         hh = r0 + s // COLS
         ww = q0 + s % COLS
         m = (s < ROWS * COLS) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        v = tl.load(src_ptr + n * sn + (hh * sh + ww * sw)[:, None] + (c * sc)[None, :],
-                    mask=m[:, None] & cmask[None, :], other=0.0)
+        mm = m[:, None] & cmask[None, :]
+        v = tl.load(src_ptr + n * sn + (hh * sh + ww * sw)[:, None] + (c * sc)[None, :], mask=mm, other=0.0)
+        if PRO_ACT >= 0:
+            z = act_fwd(v.to(tl.float32), PRO_ACT) * pro_s[None, :] + pro_t[None, :]
+            v = tl.where(mm, z.to(src_ptr.dtype.element_ty), 0.0)
         tl.store(slot + s[:, None] * BLOCK_C + cl[None, :], v.to(slot.dtype.element_ty),
                  mask=(s < ROWS * COLS)[:, None])
 
@@ -119,15 +142,20 @@ def _tap(acc_e, acc_o, s_ptr, w_ptr, PAIRS: tl.constexpr, HALF: tl.constexpr):
 
 @triton.jit
 def _conv_kernel(x_ptr, wt_ptr, b_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, part_ptr, scratch_ptr,
+                 pro_scale_ptr, pro_shift_ptr,
                  C, H, W, T, tiles_w, tiles_per_img,
                  sxn, sxc, sxh, sxw, son, soc, soh, sow,
                  KH: tl.constexpr, KW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr, STORE_A: tl.constexpr,
                  TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
-                 PAIRS: tl.constexpr):
+                 PAIRS: tl.constexpr, PRO_ACT: tl.constexpr):
     """a = dwconv(x) + b over tiles. TRAIN: store a, and the program's (count, mean, M2) of act(a) (over
     all its tiles: per-element Welford in registers, one fixed-order Chan tree at the end) into row p
     of partials [3, P, C]. Eval: y = act(a) * scale + shift + x, storing a only if asked.
+
+    PRO_ACT >= 0 (input-side prologue, design.md 3.3): x is read as z = act_PRO(x) * pro_scale[c] +
+    pro_shift[c] (rounded to x's dtype) wherever it is read: in the staged window (zero padded as z,
+    see ``_stage``) and, in eval, the residual. PRO_ACT = -1: no prologue (pro_* unused).
 
     Persistent: program (p, cb) walks tiles p, p + P, ... of channel block cb. Each tile's input window
     (tile + halo) is staged once into the program's scratch slot (x's dtype, zero padded, channel-fastest),
@@ -163,7 +191,8 @@ def _conv_kernel(x_ptr, wt_ptr, b_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, part_
         n, h, w, c, pmask, cmask = _tile(item, cb, C, H, W, tiles_w, tiles_per_img, TH, TW, BLOCK_C, INT64)
         h0, w0 = _tile_origin(item, tiles_w, tiles_per_img, TH, TW, INT64)
         tl.debug_barrier()  # the previous tile's taps have read the slot
-        _stage(x_ptr, slot, n, h0 - PT, w0 - PL, c, cmask, H, W, sxn, sxc, sxh, sxw, RH, RW, TILE, BLOCK_C)
+        _stage(x_ptr, slot, n, h0 - PT, w0 - PL, c, cmask, H, W, sxn, sxc, sxh, sxw, pro_scale_ptr, pro_shift_ptr,
+               RH, RW, TILE, BLOCK_C, PRO_ACT)
         tl.debug_barrier()  # the window was written by all threads and is read back shifted
         acc_e = tl.zeros((TILE, VEC), dtype=tl.float32)
         acc_o = tl.zeros((TILE, VEC), dtype=tl.float32)
@@ -204,6 +233,10 @@ def _conv_kernel(x_ptr, wt_ptr, b_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, part_
             s = tl.load(scale_ptr + c, mask=cmask, other=0.0)
             t = tl.load(shift_ptr + c, mask=cmask, other=0.0)
             xc = tl.load(x_ptr + _offsets(n, h, w, c, sxn, sxc, sxh, sxw), mask=mask, other=0.0)
+            if PRO_ACT >= 0:  # the residual is z too
+                ps = tl.load(pro_scale_ptr + c, mask=cmask, other=0.0)
+                pt = tl.load(pro_shift_ptr + c, mask=cmask, other=0.0)
+                xc = (act_fwd(xc.to(tl.float32), PRO_ACT) * ps[None, :] + pt[None, :]).to(x_ptr.dtype.element_ty)
             y = g * s[None, :] + t[None, :] + xc.to(tl.float32)
             tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=mask)
     if TRAIN:
@@ -369,12 +402,12 @@ def _wg_store(acc_e, acc_o, dwp_ptr, row, U: tl.constexpr, G: tl.constexpr, j0, 
 
 
 @triton.jit
-def _weight_grad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr,
+def _weight_grad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr, pro_scale_ptr, pro_shift_ptr,
                         C, H, W, n_items, tiles_w, tiles_per_img, items_per_chunk, n_jg,
                         sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
                         KH: tl.constexpr, KW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr, G: tl.constexpr,
                         TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
-                        PAIRS: tl.constexpr):
+                        PAIRS: tl.constexpr, PRO_ACT: tl.constexpr):
     """Per-chunk partials dw[chunk, i*KW + j, c] = sum over the chunk's pixels of da * x shifted by tap
     (i, j), and db[chunk, c] = sum of da (program of tap group 0 only).
 
@@ -384,6 +417,9 @@ def _weight_grad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr,
     dtype) into the program's scratch slot; G register accumulators (one per tap, elementwise FMAs;
     PAIRS: bf16 channel pairs widened by integer ops, even and odd channels apart); one fixed-order
     reduction over pixels per tap at the end. Deterministic; no atomics.
+
+    PRO_ACT >= 0 (input-side prologue): the band staged is z = act_PRO(x) * pro_scale[c] + pro_shift[c]
+    (x's dtype, zero padded as z, see ``_stage``), so dw = sum da * z shifted. PRO_ACT = -1: x itself.
     """
     BW: tl.constexpr = TW + G - 1
     TILE: tl.constexpr = TH * TW
@@ -429,7 +465,7 @@ def _weight_grad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr,
         h0, w0 = _tile_origin(item, tiles_w, tiles_per_img, TH, TW, INT64)
         tl.debug_barrier()  # the previous tile's taps have read the slot
         _stage(x_ptr, slot, n, h0 + (i - PT), w0 + (j0 - PL), c, cmask, H, W, sxn, sxc, sxh, sxw,
-               TH, BW, TILE, BLOCK_C)
+               pro_scale_ptr, pro_shift_ptr, TH, BW, TILE, BLOCK_C, PRO_ACT)
         tl.debug_barrier()
         mask = pmask[:, None] & cmask[None, :]
         d = tl.load(da_ptr + _offsets(n, h, w, c, sdn, sdc, sdh, sdw), mask=mask, other=0.0).to(tl.float32)
@@ -617,21 +653,33 @@ def _persistent_programs(n_items: int, channel_blocks: int, resident: int, devic
     return max(1, min(n_items, resident // channel_blocks))
 
 
-def _conv_launch(x, wts, bias, y, a, scale, shift, kernel, pads, act, train, store_a, cfg, int64, bufs):
+def _prologue_args(prologue: Optional[Affine], dummy: torch.Tensor):
+    """(scale, shift, PRO_ACT) kernel arguments of an input-side prologue: its float32 SCALE and SHIFT
+    rows, or ``dummy`` twice and -1 without one."""
+    if prologue is None:
+        return dummy, dummy, -1
+    f = prologue.finalized
+    return (f[SCALE].to(torch.float32).contiguous(), f[SHIFT].to(torch.float32).contiguous(), int(prologue.act))
+
+
+def _conv_launch(x, wts, bias, y, a, scale, shift, kernel, pads, act, train, store_a, cfg, int64, bufs,
+                 prologue: Optional[Affine] = None):
     """One launch of ``_conv_kernel``; returns the [3, P, C] partials in training (else None). ``bufs``
-    caches each configuration's (programs, scratch, partials) outside any timed region."""
+    caches each configuration's (programs, scratch, partials) outside any timed region. ``prologue``:
+    the kernel reads z = affine(x) for x (``_stage``)."""
     N, C, H, W = x.shape
     KH, KW = kernel
     tiles_w, tiles_per_img, (n_items, cblocks) = _grid(cfg, N, H, W, C)
     pairs = x.dtype == torch.bfloat16 and cfg.block_c % 2 == 0
     wt = wts(cfg.block_c, pairs)
     dummy = wt
+    pro_scale, pro_shift, pro_act = _prologue_args(prologue, dummy)
     args = [x, wt, bias if bias is not None else dummy, a if store_a else dummy, y,
             scale if scale is not None else dummy, shift if shift is not None else dummy, None, None,
-            C, H, W, n_items, tiles_w, tiles_per_img, *_strides(x), *_strides(y)]
+            pro_scale, pro_shift, C, H, W, n_items, tiles_w, tiles_per_img, *_strides(x), *_strides(y)]
     meta = dict(KH=KH, KW=KW, PT=pads[0], PL=pads[1], ACT=act, HAS_BIAS=bias is not None, TRAIN=train,
                 STORE_A=store_a, TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c, INT64=int64, PAIRS=pairs,
-                num_warps=cfg.num_warps)
+                PRO_ACT=pro_act, num_warps=cfg.num_warps)
     slot = (cfg.th + KH - 1) * (cfg.tw + KW - 1) * cfg.block_c
     if cfg not in bufs:
         if not interpreting(x.device):
@@ -639,7 +687,8 @@ def _conv_launch(x, wts, bias, y, a, scale, shift, kernel, pads, act, train, sto
             probe[7] = empty((3, 1, C), dtype=torch.float32, device=x.device) if train else dummy
             probe[8] = empty((slot,), dtype=x.dtype, device=x.device)
             resident = _resident(_conv_kernel, ("conv",) + _layout_key(x) + (kernel, act, train, store_a, cfg, int64,
-                                                                             bias is not None), probe, meta, x.device)
+                                                                             bias is not None, pro_act),
+                                 probe, meta, x.device)
             P = _persistent_programs(n_items, cblocks, resident, x.device)
         else:
             P = _persistent_programs(n_items, cblocks, 0, x.device)
@@ -660,8 +709,10 @@ def unsupported(**config) -> Optional[str]:
     return None
 
 
-def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int]):
-    """a = dwconv(x) + b in x's dtype and layout, and the [3, P, C] partials of act(a) (one row per program)."""
+def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int], prologue: Optional[Affine] = None):
+    """a = dwconv(x) + b in x's dtype and layout, and the [3, P, C] partials of act(a) (one row per program).
+    ``prologue`` (``prologue.Affine``): the conv reads z = act(x) * s + t (rounded to x's dtype) instead of
+    x, zero padded as z: the result of ``conv_stats(affine_reference(x, prologue), ...)`` with no pass for z."""
     N, C, H, W = x.shape
     kernel = tuple(weight.shape[-2:])
     a = empty_output(x)
@@ -671,11 +722,14 @@ def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int]):
     cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), x.device, max(kernel))
 
     def launch(cfg, a_out):
-        return _conv_launch(x, wts, bias, a_out, a_out, None, None, kernel, pads, act, True, True, cfg, int64, bufs)
+        return _conv_launch(x, wts, bias, a_out, a_out, None, None, kernel, pads, act, True, True, cfg, int64, bufs,
+                            prologue)
 
     if len(cands) > 1:
         scratch = empty_like(x)
-        cfg = _tuner.pick(("conv_stats",) + _layout_key(x) + (kernel, act), cands, lambda c: launch(c, scratch))
+        pro_key = -1 if prologue is None else int(prologue.act)
+        cfg = _tuner.pick(("conv_stats",) + _layout_key(x) + (kernel, act, pro_key), cands,
+                          lambda c: launch(c, scratch))
     else:
         cfg = cands[0]
     part = launch(cfg, a)
@@ -762,8 +816,9 @@ def _wgrad_groups(KW: int) -> Tuple[int, int]:
     return triton.cdiv(KW, groups), groups
 
 
-def _weight_grad(da, x, KH: int, KW: int, pads, int64: bool):
-    """(dw [KH*KW, C], db [C]) float32 from the stored da and x: per-chunk partials, summed in a fixed order."""
+def _weight_grad(da, x, KH: int, KW: int, pads, int64: bool, prologue: Optional[Affine] = None):
+    """(dw [KH*KW, C], db [C]) float32 from the stored da and x (z = affine(x) with a ``prologue``):
+    per-chunk partials, summed in a fixed order."""
     N, C, H, W = x.shape
     dev = x.device
     cfg = wgrad_config(H, W, C, dev)
@@ -777,20 +832,24 @@ def _weight_grad(da, x, KH: int, KW: int, pads, int64: bool):
     dwp = empty((chunks, KH * KW, C), **f32)
     dbp = empty((chunks, C), **f32)
     scratch = empty((chunks * taps * cblocks, cfg.th * (cfg.tw + G - 1) * cfg.block_c), dtype=x.dtype, device=dev)
+    pro_scale, pro_shift, pro_act = _prologue_args(prologue, dbp)
     _weight_grad_kernel[(cblocks, taps, chunks)](
-        da, x, dwp, dbp, scratch, C, H, W, n_items, tiles_w, tiles_per_img, per_chunk, n_jg,
+        da, x, dwp, dbp, scratch, pro_scale, pro_shift, C, H, W, n_items, tiles_w, tiles_per_img, per_chunk, n_jg,
         *_strides(da), *_strides(x), KH=KH, KW=KW, PT=pads[0], PL=pads[1], G=G, TH=cfg.th, TW=cfg.tw,
         BLOCK_C=cfg.block_c, INT64=int64, PAIRS=x.dtype == torch.bfloat16 and cfg.block_c % 2 == 0,
-        num_warps=cfg.num_warps)
+        PRO_ACT=pro_act, num_warps=cfg.num_warps)
     return sum_rows(dwp), sum_rows(dbp)
 
 
 def input_grad(dy, a, x, weight, coef, act: int, pads: Tuple[int, int], train: bool, need_dx: bool,
-               need_dw: bool, need_db: bool):
+               need_dw: bool, need_db: bool, prologue: Optional[Affine] = None):
     """(dx, dw, db): dx = dy + dwconv^T(da), dw and db float32-accumulated in the weight's dtype, with
     da = act'(a) * (k1*(dy - mean_dy) + k2*(act(a) - mean)), coef = [4, C] (k1, k2, mean_dy, mean). A gradient
     not asked for is an empty tensor. ``_input_grad_kernel`` computes da once (with its halo, for dx) and
-    stores each tile's own da when dw or db is asked for; ``_weight_grad_kernel`` reads it with x."""
+    stores each tile's own da when dw or db is asked for; ``_weight_grad_kernel`` reads it with x.
+    ``prologue`` (``prologue.Affine``): the forward read z = affine(x), so dw = sum da * z, z built as
+    ``_weight_grad_kernel`` stages x (zero padded as z); dx stays the gradient with respect to z, and
+    dy, a and db do not depend on it."""
     N, C, H, W = x.shape
     KH, KW = weight.shape[-2:]
     dev = x.device
@@ -800,7 +859,9 @@ def input_grad(dy, a, x, weight, coef, act: int, pads: Tuple[int, int], train: b
     da = empty_output(x) if need_w else None
     int64 = needs_int64(x, a, dy) or (need_dx and needs_int64(dx))
     wts = _weights_per_block(weight)
-    key = ("input_grad",) + _layout_key(x) + ((KH, KW), act, train, need_dx, need_w)
+    # the prologue changes _weight_grad_kernel only (not tuned here); kept in the key as in conv_stats'
+    key = ("input_grad",) + _layout_key(x) + ((KH, KW), act, train, need_dx, need_w,
+                                              -1 if prologue is None else int(prologue.act))
     cands = candidates(H, W, C, x.is_contiguous(memory_format=torch.channels_last), dev, max(KH, KW), "dx")
     buffers = {}
 
@@ -832,7 +893,7 @@ def input_grad(dy, a, x, weight, coef, act: int, pads: Tuple[int, int], train: b
     launch(cfg, dx, da)
     dw = db = x.new_empty(0)
     if need_w:
-        dwk, dbk = _weight_grad(da, x, KH, KW, pads, needs_int64(x, da))
+        dwk, dbk = _weight_grad(da, x, KH, KW, pads, needs_int64(x, da), prologue)
         if need_dw:
             dw = dwk.t().contiguous().view(weight.shape).to(weight.dtype)
         if need_db:
