@@ -299,9 +299,11 @@ def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr
     """One pass over (dz, p) for ``tiles_per_prog`` row tiles per program.
 
     STORE_DP False (reduction pass): partials [T, 2, C] = (sum dz, sum dz * xhat) per program,
-    xhat = (act(p) - mean) * rstd. STORE_DP True: dp = act'(p) * (k1*(dz - mean_dy) + k2*(act(p) - mean))
-    with coef [4, C] = (k1, k2, mean_dy, mean) (k2 and mean_dy only in training); stores dp (row-major [M, C])
-    and partials [T, C] = sum dp (for db).
+    xhat = (act(p) - mean) * rstd, as rstd * sum dz * (act(p) - mean) (one multiply per column, not per
+    element; masked lanes hold dz = 0 and need no select).
+    STORE_DP True: dp = act'(p) * (k1*(dz - mean_dy) + k2*(act(p) - mean)) with coef [4, C] =
+    (k1, k2, mean_dy, mean) (k2 and mean_dy only in training); stores dp (row-major [M, C]) and
+    partials [T, C] = sum dp (for db).
     """
     pid_m = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -336,15 +338,14 @@ def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr
             tl.store(dp_ptr + p_off, dp.to(dp_ptr.dtype.element_ty), mask=mask)
             acc0 += tl.where(mask, dp, 0.0)
         else:
-            xhat = (act_fwd(p, ACT) - mean[None, :]) * rstd[None, :]
-            acc0 += tl.where(mask, dz, 0.0)
-            acc1 += tl.where(mask, dz * xhat, 0.0)
+            acc0 += dz  # masked lanes loaded as 0
+            acc1 += dz * (act_fwd(p, ACT) - mean[None, :])  # sum dz * xhat = rstd * sum dz * (g - mean)
     if STORE_DP:
         tl.store(part_ptr + pid_m.to(tl.int64) * C + rc, tl.sum(acc0, axis=0), mask=mask_c)
     else:
         pofs = pid_m.to(tl.int64) * 2 * C + rc
         tl.store(part_ptr + pofs, tl.sum(acc0, axis=0), mask=mask_c)
-        tl.store(part_ptr + pofs + C, tl.sum(acc1, axis=0), mask=mask_c)
+        tl.store(part_ptr + pofs + C, tl.sum(acc1, axis=0) * rstd, mask=mask_c)
 
 
 # ====================================================================== host launchers
