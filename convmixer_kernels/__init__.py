@@ -2,9 +2,11 @@
 
 Public API:
     ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *, in_chans=3,
-              activation="gelu", fused=False, backend="auto")
+              activation="gelu", fused=False, backend="auto", memory="normal")
     FusedDepthwiseBlock, FusedPointwiseBlock, FusedConvMixerLayer  (each with .from_module)
-    fuse_convmixer(model, backend="auto"), unfuse_convmixer(model), plan_fusion(model)
+    FusedSequential  (consecutive fused layers trained as one fused stack)
+    fuse_convmixer(model, backend="auto", *, stack=True, memory="normal"), unfuse_convmixer(model),
+    plan_fusion(model)
     to_official_layout(state_dict), to_timm_layout(state_dict)
     available_backends(device=None), explain_backends(device=None), BackendUnavailableError
     SyncBatchNorm, convert_sync_batchnorm(model, process_group=None)  (multi-process training, any device)
@@ -15,10 +17,11 @@ from .backends import BackendUnavailableError, available_backends, explain_backe
 from .convert import fuse_convmixer, plan_fusion, unfuse_convmixer
 from .model import ConvMixer
 from .modules import FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock, Residual
+from .stack import FusedSequential
 from .syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "__version__", "ConvMixer", "FusedDepthwiseBlock", "FusedPointwiseBlock", "FusedConvMixerLayer", "Residual",
+    "__version__", "ConvMixer", "FusedDepthwiseBlock", "FusedPointwiseBlock", "FusedConvMixerLayer", "FusedSequential", "Residual",
     "fuse_convmixer", "unfuse_convmixer", "plan_fusion", "available_backends", "explain_backends",
     "BackendUnavailableError", "to_official_layout", "to_timm_layout", "SyncBatchNorm", "convert_sync_batchnorm",
 ]

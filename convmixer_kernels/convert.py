@@ -31,6 +31,8 @@ from torch.nn.utils import parametrize
 from .backends import validate_backend_name
 from .modules import (FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock, depthwise_problem,
                       pointwise_problem)
+from .ops.layer_stack import MEMORY_MODES
+from .stack import FusedSequential, stackable
 
 log = logging.getLogger("convmixer_kernels")
 
@@ -224,20 +226,43 @@ def _fuse_children(module: nn.Module, backend: str, path: str) -> None:
             setattr(module, name, new)
 
 
-def fuse_convmixer(model: nn.Module, backend: str = "auto") -> nn.Module:
+def fuse_convmixer(model: nn.Module, backend: str = "auto", *, stack: bool = True,
+                   memory: str = "normal") -> nn.Module:
     """Swap, in place, every block that matches a pattern for its fused drop-in; return the model.
 
     Parameters and buffers are shared, not copied: optimizers built on the model
     keep working. If ``model`` itself is a block, the fused block is returned.
     Blocks whose wrapper is not verified to be ``fn(x) + x``, or that carry hooks or
     parametrizations, are left as they are with a logged reason.
+
+    ``stack=True`` (the default) also makes every plain ``nn.Sequential`` that holds fused layers
+    (the official model itself, timm's ``blocks``) a ``FusedSequential``: its consecutive layers
+    train as one fused stack, BatchNorm's apply folded into the next op (design.md 3.3), with the
+    same children and state_dict keys. ``memory="low"`` makes those stacks keep only one
+    activation per layer for the backward. ``stack=False`` fuses block by block only.
     """
     validate_backend_name(backend)
-    return _fuse_one(model, backend, "")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory={memory!r}: choose one of {MEMORY_MODES}")
+    model = _fuse_one(model, backend, "")
+    return _stack_sequentials(model, backend, memory) if stack else model
+
+
+def _stack_sequentials(module: nn.Module, backend: str, memory: str) -> nn.Module:
+    """``module`` with every stackable nn.Sequential in it (itself included) made a FusedSequential."""
+    for name, child in list(module.named_children()):
+        new = _stack_sequentials(child, backend, memory)
+        if new is not child:
+            setattr(module, name, new)
+    if isinstance(module, FusedSequential) or stackable(module):
+        return FusedSequential.from_module(module, backend, memory)
+    return module
 
 
 def unfuse_convmixer(model: nn.Module) -> nn.Module:
     """Undo ``fuse_convmixer`` in place (parameters shared); return the model."""
+    if isinstance(model, FusedSequential):
+        model = model.to_reference()
     if isinstance(model, _FUSED):
         ref = model.to_reference()
         return unfuse_convmixer(ref) if isinstance(model, FusedConvMixerLayer) else ref

@@ -9,12 +9,15 @@ from .ops.activation import make_activation
 
 
 def ConvMixer(dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7, n_classes: int = 1000, *,
-              in_chans: int = 3, activation: str = "gelu", fused: bool = False, backend: str = "auto") -> nn.Sequential:
+              in_chans: int = 3, activation: str = "gelu", fused: bool = False, backend: str = "auto",
+              memory: str = "normal") -> nn.Sequential:
     """ConvMixer-``dim``/``depth`` as one ``nn.Sequential`` with the official state_dict keys.
 
     ``activation`` is "gelu", "gelu_tanh" or "relu" (used everywhere, stem included).
-    ``fused=True`` swaps in the fused layers; the keys, the initialization (same
-    random draws) and the function computed stay the same.
+    ``fused=True`` swaps in the fused layers and makes the model a ``FusedSequential``, whose layers
+    train as one fused stack (BatchNorm's apply folded into the next op); the keys, the
+    initialization (same random draws) and the function computed stay the same. ``memory="low"``
+    keeps one activation per layer for the backward instead of two (the depthwise conv is recomputed).
     """
     model = nn.Sequential(
         nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
@@ -34,5 +37,5 @@ def ConvMixer(dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7, n
         nn.Linear(dim, n_classes),
     )
     if fused:
-        model = fuse_convmixer(model, backend=backend)
+        model = fuse_convmixer(model, backend=backend, memory=memory)
     return model

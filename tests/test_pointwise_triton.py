@@ -407,6 +407,7 @@ def build(fn, ptrs, consts, options=None):
     return k
 
 gemm_base = dict(A_DIMS=1, B_DIMS=1, C_DIMS=3, PRO_ACT=-1, PRO_AFFINE=False, HAS_RES=False, HAS_BIAS=True,
+                 PRO_B=False, RES_DIMS=0, RES_ACT=-1, RES_AFFINE=False,
                  DOT_F32=False, PRECISION="tf32", GROUP_I=8)
 for dt, stats, apply, act in [("*bf16", True, False, 0), ("*fp16", True, False, 1), ("*bf16", False, True, 1),
                               ("*bf16", False, False, 2)]:

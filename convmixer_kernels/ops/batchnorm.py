@@ -197,7 +197,8 @@ def tile_partials_reference(g: torch.Tensor, tiles: int = 1) -> torch.Tensor:
     A reference for what a statistics epilogue emits; used by tests of ``finalize``.
     """
     C = g.shape[1]
-    flat = g.transpose(0, 1).reshape(C, -1).float()
+    flat = g.transpose(0, 1).reshape(C, -1)
+    flat = flat if flat.dtype == torch.float64 else flat.float()  # float64 accumulates in float64
     chunks = torch.tensor_split(flat, tiles, dim=1)
     out = torch.zeros(3, tiles, C, dtype=torch.float32, device=g.device)
     for i, ch in enumerate(chunks):
