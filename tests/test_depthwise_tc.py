@@ -7,6 +7,8 @@ kernel's bf16/fp16 dot operands are upcast to fp32 (exact products, fp32 sums) a
 rounded to nearest as a GPU rounds them. Outputs are poisoned with NaN before every launch
 (CONVMIXER_KERNELS_POISON=1, conftest.py): an element left unwritten fails the finiteness checks.
 """
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from convmixer_kernels.ops import alloc
 from convmixer_kernels.ops import depthwise_block as D
 from convmixer_kernels.ops.activation import ACT_CODE, activation_reference
 from convmixer_kernels.ops.batchnorm import MEAN, RSTD
+from convmixer_kernels.ops.prologue import Affine
+from convmixer_kernels.ops.triton import depthwise as TD
 from convmixer_kernels.ops.triton import depthwise_tc as TC
 from convmixer_kernels.verify import compare, format_rows
 from harness import DEVICE, backends_under_test, check_block
@@ -178,3 +182,154 @@ def test_unsupported_and_choice():
     w5 = torch.empty(4, 1, 5, 5, dtype=torch.bfloat16)
     assert "kernel" in TC.tc_unsupported(x, w5) and TC.choose_path(x, w5) == "cuda_core"
     assert TC.tc_unsupported(x.half(), w9.half()) is None
+
+
+# ---------------------------------------------------------------- the path choice (depthwise._path), wired in
+
+
+@pytest.fixture
+def path_env(monkeypatch):
+    """A fresh log-once set and no CONVMIXER_KERNELS_DW_PATH; returns a setter for it."""
+    monkeypatch.setattr(TD, "_logged_paths", set())
+    monkeypatch.delenv(TD.ENV_PATH, raising=False)
+    return lambda value: monkeypatch.setenv(TD.ENV_PATH, value)
+
+
+@pytest.fixture
+def tc_calls(monkeypatch):
+    """Counts of the tensor-core launchers the Triton backend delegates to (they still run)."""
+    calls = {"conv_stats": 0, "conv_apply": 0, "input_grad": 0}
+    for name in calls:
+        def spy(*args, _name=name, _fn=getattr(TC, name), **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(TC, name, spy)
+    return calls
+
+
+def _pro(C):
+    fin = torch.zeros(6, C, device=DEVICE)
+    fin[4], fin[5] = 1.5, -0.25
+    return Affine(fin, ACT_CODE["relu"])
+
+
+def _path_records(caplog):
+    return [r.getMessage() for r in caplog.records if "path for input" in r.getMessage()]
+
+
+def test_auto_path_choice_is_logged_once(path_env, caplog):
+    """auto: tensor cores for bf16/fp16 with k >= 7; CUDA cores for fp32, k < 7, or a prologue, each with
+    its reason, logged at INFO once per (shape, dtype, layout, k, prologue, request)."""
+    x = torch.empty(2, 4, 8, 8, dtype=torch.bfloat16)
+    w9 = torch.empty(4, 1, 9, 9, dtype=torch.bfloat16)
+    w5 = torch.empty(4, 1, 5, 5, dtype=torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="convmixer_kernels"):
+        assert TD._path(x, w9) == "tensor_cores"
+        assert TD._path(x.half(), w9.half()) == "tensor_cores"
+        assert TD._path(x, torch.empty(4, 1, 7, 7, dtype=torch.bfloat16)) == "tensor_cores"
+        assert TD._path(x.float(), w9.float()) == "cuda_cores"
+        assert TD._path(x, w5) == "cuda_cores"
+        assert TD._path(x, w9, _pro(4)) == "cuda_cores"
+        logged = _path_records(caplog)
+        assert len(logged) == 6 and all(r.levelno == logging.INFO for r in caplog.records
+                                        if "path for input" in r.getMessage())
+        assert "tensor_cores path" in logged[0] and "choose_path" in logged[0] and "(9, 9)" in logged[0]
+        assert "cuda_cores path" in logged[3] and "dtype torch.float32" in logged[3]
+        assert "cuda_cores path" in logged[4] and "kernel 5x5" in logged[4]
+        assert "cuda_cores path" in logged[5] and "prologue" in logged[5]
+        assert TD._path(x, w9) == "tensor_cores" and TD._path(x, w9, _pro(4)) == "cuda_cores"
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert TD._path(x_cl, w9) == "tensor_cores"
+        logged = _path_records(caplog)
+    assert len(logged) == 7 and "channels_last" in logged[6], "once per key; the layout is part of it"
+
+
+def test_env_forces_each_path(path_env, caplog):
+    x = torch.empty(2, 4, 8, 8, dtype=torch.bfloat16)
+    w9 = torch.empty(4, 1, 9, 9, dtype=torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="convmixer_kernels"):
+        path_env("cuda_cores")
+        assert TD._path(x, w9) == "cuda_cores"
+        assert TD._path(x.float(), w9.float()) == "cuda_cores"
+        path_env("tensor_cores")
+        assert TD._path(x, w9) == "tensor_cores"
+        path_env("auto")
+        assert TD._path(x, w9) == "tensor_cores"
+        path_env("")
+        assert TD._path(x, w9) == "tensor_cores"
+    logged = _path_records(caplog)
+    assert any("forced by CONVMIXER_KERNELS_DW_PATH=cuda_cores" in m for m in logged)
+    assert any("forced by CONVMIXER_KERNELS_DW_PATH=tensor_cores" in m for m in logged)
+    path_env("tensor-cores")
+    with pytest.raises(ValueError, match="CONVMIXER_KERNELS_DW_PATH='tensor-cores'"):
+        TD._path(x, w9)
+
+
+def test_forcing_tensor_cores_on_an_unsupported_call_raises(path_env):
+    path_env("tensor_cores")
+    x = torch.empty(2, 4, 8, 8, dtype=torch.bfloat16)
+    w9 = torch.empty(4, 1, 9, 9, dtype=torch.bfloat16)
+    with pytest.raises(backends.BackendUnavailableError, match="tensor_cores.*dtype torch.float32"):
+        TD._path(x.float(), w9.float())
+    with pytest.raises(backends.BackendUnavailableError, match="kernel 3x3"):
+        TD._path(x, torch.empty(4, 1, 3, 3, dtype=torch.bfloat16))
+    with pytest.raises(backends.BackendUnavailableError, match="prologue"):
+        TD._path(x, w9, _pro(4))
+    # the launchers raise before launching anything
+    xs = _t((1, 2, 6, 6), 1, torch.float32, "nchw")
+    with pytest.raises(backends.BackendUnavailableError, match="cannot run on tensor cores"):
+        TD.conv_stats(xs, _t((2, 1, 9, 9), 2, torch.float32, "nchw"), None, ACT_CODE["gelu"], _pads(9))
+
+
+def test_launchers_delegate_and_stay_bitwise_reproducible(path_env, tc_calls):
+    """Through ops/triton/depthwise.py's launchers (auto): the tensor-core launchers run, and two runs of
+    the forward, the eval forward and the backward are bitwise identical."""
+    shape, k, dtype, C = (2, 3, 9, 11), 9, torch.bfloat16, 3
+    x = _t(shape, 1, dtype, "channels_last")
+    w = _t((C, 1, k, k), 2, dtype, "nchw", 0.3)
+    b = _t((C,), 3, dtype, "nchw", 0.2)
+    dy = _t(shape, 4, dtype, "channels_last")
+    coef = torch.randn(4, C, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    fin = torch.zeros(6, C, device=DEVICE)
+    fin[4], fin[5] = 1.25, 0.1
+    act, pads = ACT_CODE["gelu"], _pads(k)
+
+    def run():
+        a, part = TD.conv_stats(x, w, b, act, pads)
+        y, a2 = TD.conv_apply(x, w, b, fin, act, pads, True)
+        grads = TD.input_grad(dy, a, x, w, coef, act, pads, True, True, True, True)
+        return (a, part, y, a2) + tuple(grads)
+
+    one, two = run(), run()
+    assert tc_calls == {"conv_stats": 2, "conv_apply": 2, "input_grad": 2}
+    _finite(*one)
+    assert all(torch.equal(p, q) for p, q in zip(one, two)), "the tensor-core path is not bitwise reproducible"
+    assert torch.equal(one[0], one[3]), "conv_stats and conv_apply store the same a"
+
+
+def test_prologue_takes_cuda_cores(path_env, tc_calls):
+    x = _t((1, 2, 6, 6), 1, torch.bfloat16, "channels_last")
+    w = _t((2, 1, 7, 7), 2, torch.bfloat16, "nchw", 0.3)
+    a, _ = TD.conv_stats(x, w, None, ACT_CODE["gelu"], _pads(7), prologue=_pro(2))
+    _finite(a)
+    assert tc_calls["conv_stats"] == 0
+
+
+@pytest.mark.parametrize("path,dtype,layout,k", [
+    ("auto", torch.bfloat16, "channels_last", 9),
+    ("auto", torch.float16, "nchw", 8),
+    ("cuda_cores", torch.bfloat16, "channels_last", 9),
+], ids=["auto-bf16-cl-k9", "auto-fp16-nchw-k8", "cuda_cores-bf16-cl-k9"])
+def test_block_through_the_backend_on_each_path(path_env, tc_calls, caplog, path, dtype, layout, k):
+    """The whole block (train step, then eval) through the registry's Triton backend, the path chosen by
+    ops/triton/depthwise.py itself: auto takes tensor cores for half dtypes at k >= 7, the forced path
+    does not."""
+    path_env(path)
+    with caplog.at_level(logging.INFO, logger="convmixer_kernels"):
+        check_block("depthwise", "triton", dim=3, shape=(2, 3, 7, 9), k=k, dtype=dtype, layout=layout,
+                    steps=1, eval_steps=1)
+    on_tc = path == "auto"
+    assert (tc_calls["conv_stats"] > 0 and tc_calls["input_grad"] > 0 and tc_calls["conv_apply"] > 0) == on_tc
+    assert on_tc or sum(tc_calls.values()) == 0
+    logged = _path_records(caplog)
+    assert logged and all(("tensor_cores path" if on_tc else "cuda_cores path") in m for m in logged), logged

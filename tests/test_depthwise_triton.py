@@ -119,6 +119,16 @@ def test_bf16_pairs_wide_kernel(monkeypatch):
     assert fused.last_backend == "triton"
 
 
+def test_bf16_pairs_wide_kernel_on_cuda_cores(monkeypatch):
+    """``test_bf16_pairs_wide_kernel`` with the CUDA-core kernels forced (CONVMIXER_KERNELS_DW_PATH): bf16 at
+    k >= 7 takes the tensor-core path by default (``depthwise._path``), so this is what keeps the int32
+    channel pairs, column-tap skipping and the two weight-gradient column groups tested in bf16."""
+    monkeypatch.setenv(TD.ENV_PATH, "cuda_cores")
+    x = torch.empty(1, 5, 5, 11, dtype=torch.bfloat16)
+    assert TD._path(x, torch.empty(5, 1, 10, 10, dtype=torch.bfloat16)) == "cuda_cores"
+    test_bf16_pairs_wide_kernel(monkeypatch)
+
+
 def test_int64_offsets_path(monkeypatch):
     """The 64-bit offset variant of every kernel computes the same thing (forced on a small input)."""
     monkeypatch.setattr(TD, "needs_int64", lambda *tensors: True)
@@ -418,6 +428,14 @@ def test_paper_shapes_bf16_autocast_cuda(name):
     dim, shape, k, act = PAPER[name]
     check_block("depthwise", "triton", dim=dim, shape=shape, k=k, activation=act, layout="channels_last",
                 steps=1, autocast=torch.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["1536_20_k9", "k31"])
+def test_paper_shapes_bf16_autocast_cuda_cores_path(monkeypatch, name):
+    """The CUDA-core kernels at the paper's half-precision shapes (the default there is the tensor-core path)."""
+    monkeypatch.setenv(TD.ENV_PATH, "cuda_cores")
+    test_paper_shapes_bf16_autocast_cuda(name)
 
 
 @gpu_only

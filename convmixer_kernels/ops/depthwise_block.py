@@ -5,12 +5,17 @@ This file is the op's interface, the same for every backend: the reference
 ``torch.library`` ops with their fakes and autograd formula, and the registry entries.
 Each backend implements the same launchers in its own file, imported only when it runs:
 
-* ``ops/triton/depthwise.py`` (Triton), ``ops/cuda/depthwise.py`` (the CUDA extension);
-* ``conv_stats(x, weight, bias, act, pads) -> (a, partials [3, T, C])``, ``finalize(partials,
-  bn_weight, bn_bias, eps) -> finalized [6, C]``, ``apply(a, x, finalized, act) -> y``,
+* ``ops/triton/depthwise.py`` (Triton: per call on CUDA cores or, for bf16/fp16 with k >= 7, on
+  tensor cores through ``ops/triton/depthwise_tc.py``, chosen in that file's ``_path``),
+  ``ops/cuda/depthwise.py`` (the CUDA extension);
+* ``conv_stats(x, weight, bias, act, pads, prologue=None) -> (a, partials [3, T, C])``,
+  ``finalize(partials, bn_weight, bn_bias, eps) -> finalized [6, C]``, ``apply(a, x, finalized, act) -> y``,
   ``conv_apply(x, weight, bias, finalized, act, pads, store_a) -> (y, a)`` (eval, one kernel),
   ``grad_sums(dy, a, stats, act) -> [2, C]`` and ``input_grad(dy, a, x, weight, coef, act, pads,
-  train, need_dx, need_dw, need_db) -> (dx, dw, db)``, plus ``unsupported(**config)``.
+  train, need_dx, need_dw, need_db, prologue=None) -> (dx, dw, db)``, plus ``unsupported(**config)``.
+  ``prologue=`` (a ``prologue.Affine``, documented in ``ops/prologue.py``): the conv reads
+  z = act(x) * s + t wherever it reads x (zero padded as z); the blocks' ops never pass one, the fused
+  layer stack (``ops/layer_stack.py``) does.
 
 The activation is always its ``ACT_CODE`` int; statistics use ``ops/batchnorm.py``'s formats;
 the running buffers are updated once, by ``batchnorm.update_running_stats``, for every backend.

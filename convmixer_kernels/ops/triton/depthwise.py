@@ -1,6 +1,22 @@
 """Triton backend of the depthwise block (``ops/depthwise_block.py`` holds the op's contract).
 
-Kernels (top) and the contract's launchers (bottom). One unit = one read or write of an
+Two paths for the conv work, chosen per call in one place, ``_path(x, weight, prologue)``:
+
+* "cuda_cores": this file's kernels (below), any dtype, any k, with or without an input-side prologue;
+* "tensor_cores": ``depthwise_tc.py`` (Toeplitz GEMMs on tensor cores), bf16/fp16 with k >= 7, no prologue.
+
+``conv_stats``, ``conv_apply`` and ``input_grad`` ask ``_path`` and delegate to ``depthwise_tc`` on the
+tensor-core path; ``finalize``, ``apply`` and ``grad_sums`` are shared (the tensor-core partials have one
+row per tile instead of one per program, which ``finalize`` takes as they come). The rule ("auto") is
+``depthwise_tc.choose_path``, from static sm_90 predictions (bench/results/static-sm90-depthwise-tc.json:
+tensor cores ahead at k = 9 and far ahead at k = 31; not measurements): tensor cores whenever
+``depthwise_tc.tc_unsupported`` is None, except with a prologue (the tensor-core kernels have none). The
+environment variable ``CONVMIXER_KERNELS_DW_PATH`` = ``auto`` (default) / ``cuda_cores`` / ``tensor_cores``
+forces a path; forcing tensor cores on a call they cannot run raises ``BackendUnavailableError`` with the
+reason. Each choice is logged at INFO, with its reason, once per (shape, dtype, layout, kernel size,
+prologue or not, request). Both paths are bitwise reproducible run to run (fixed-order sums, no atomics).
+
+The CUDA-core path: kernels (top) and the contract's launchers (bottom). One unit = one read or write of an
 N*C*H*W tensor:
 
 * training forward (5): ``conv_stats`` (``_conv_kernel``) reads x, stores the pre-activation a
@@ -40,6 +56,8 @@ it touches, so NCHW, channels_last and strided views run without copies; offsets
 when a tensor spans 2**31 elements or more (``common.needs_int64``). Every sum is in a fixed
 order (no atomics): bitwise-reproducible runs for a given GPU and configuration.
 """
+import logging
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -47,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backends import BackendUnavailableError, log_event
 from ..alloc import empty, empty_like, empty_output
 from ..batchnorm import SCALE, SHIFT, MEAN, RSTD
 from ..prologue import Affine
@@ -701,18 +720,89 @@ def _conv_launch(x, wts, bias, y, a, scale, shift, kernel, pads, act, train, sto
     return part
 
 
+# ====================================================================== the path: tensor cores or CUDA cores
+
+ENV_PATH = "CONVMIXER_KERNELS_DW_PATH"
+PATHS = ("tensor_cores", "cuda_cores")
+_logged_paths = set()
+
+
+def requested_path() -> str:
+    """``CONVMIXER_KERNELS_DW_PATH``: "auto" (the default, also when unset or empty), "cuda_cores" or "tensor_cores"."""
+    value = os.environ.get(ENV_PATH, "").strip() or "auto"
+    if value not in ("auto",) + PATHS:
+        raise ValueError(f"{ENV_PATH}={value!r}: choose one of 'auto', " + ", ".join(repr(p) for p in PATHS))
+    return value
+
+
+def _layout_name(x: torch.Tensor) -> str:
+    if x.is_contiguous():
+        return "nchw"
+    return "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+def _path(x: torch.Tensor, weight: torch.Tensor, prologue: Optional[Affine] = None) -> str:
+    """"tensor_cores" (``depthwise_tc.py``) or "cuda_cores" (this file's kernels) for one call of ``conv_stats``,
+    ``conv_apply`` or ``input_grad``: the one place the Triton backend chooses its depthwise path.
+
+    "auto": ``depthwise_tc.choose_path`` (the static sm_90 rule: tensor cores for bf16/fp16 with k >= 7),
+    except that a ``prologue`` always takes the CUDA cores (the tensor-core kernels have none).
+    ``CONVMIXER_KERNELS_DW_PATH`` forces a path; forcing "tensor_cores" on a call they cannot run raises
+    ``BackendUnavailableError`` naming why. The choice and its reason are logged at INFO once per
+    (shape, dtype, layout, kernel size, prologue or not, request). A block's forward and backward see
+    the same x, weight and prologue, so they take the same path."""
+    TC = _tc()
+    mode = requested_path()
+    if prologue is not None:
+        why_not = "an input-side prologue: the tensor-core kernels have none"
+    else:
+        why_not = TC.tc_unsupported(x, weight)
+    if mode == "tensor_cores":
+        if why_not is not None:
+            raise BackendUnavailableError(
+                f"depthwise_block (triton): {ENV_PATH}=tensor_cores, but this call (input {tuple(x.shape)} "
+                f"{x.dtype}, kernel {tuple(weight.shape[-2:])}) cannot run on tensor cores: {why_not}; "
+                f"unset {ENV_PATH} (or set it to 'auto') to let the backend choose")
+        path, reason = "tensor_cores", f"forced by {ENV_PATH}=tensor_cores"
+    elif mode == "cuda_cores":
+        path, reason = "cuda_cores", f"forced by {ENV_PATH}=cuda_cores"
+    elif why_not is None and TC.choose_path(x, weight) == "tc":
+        path, reason = "tensor_cores", (f"{x.dtype} with k >= {TC.MIN_K}: faster on tensor cores by the static "
+                                        "sm_90 prediction (depthwise_tc.choose_path)")
+    else:
+        path, reason = "cuda_cores", why_not or "depthwise_tc.choose_path"
+    key = (tuple(x.shape), x.dtype, _layout_name(x), tuple(weight.shape[-2:]), prologue is not None, mode)
+    if key not in _logged_paths:
+        _logged_paths.add(key)
+        log_event(logging.INFO, "depthwise_block (triton): %s path for input %s %s %s, kernel %s%s (%s)", path,
+                  key[0], x.dtype, key[2], key[3], " with a prologue" if prologue is not None else "", reason)
+    return path
+
+
+def _tc():
+    """The tensor-core launchers, imported on first use, not at the top: ``depthwise_tc`` imports this module's
+    helpers (``_tile``, ``_offsets``, ``_strides``, ``default_config``, ``grad_sums``, ``apply``)."""
+    from . import depthwise_tc
+
+    return depthwise_tc
+
+
 # ====================================================================== the contract (ops/depthwise_block.py)
 
 
 def unsupported(**config) -> Optional[str]:
-    """Limits of this backend beyond the contract's own checks: none (any k, any strides, int64 offsets)."""
+    """Limits of this backend beyond the contract's own checks: none (any k, any strides, int64 offsets; the
+    tensor-core path is taken only where it runs, see ``_path``)."""
     return None
 
 
 def conv_stats(x, weight, bias, act: int, pads: Tuple[int, int], prologue: Optional[Affine] = None):
     """a = dwconv(x) + b in x's dtype and layout, and the [3, P, C] partials of act(a) (one row per program).
     ``prologue`` (``prologue.Affine``): the conv reads z = act(x) * s + t (rounded to x's dtype) instead of
-    x, zero padded as z: the result of ``conv_stats(affine_reference(x, prologue), ...)`` with no pass for z."""
+    x, zero padded as z: the result of ``conv_stats(affine_reference(x, prologue), ...)`` with no pass for z.
+    On the tensor-core path (``_path``) the partials have one row per tile."""
+    if _path(x, weight, prologue) == "tensor_cores":
+        return _tc().conv_stats(x, weight, bias, act, pads)
     N, C, H, W = x.shape
     kernel = tuple(weight.shape[-2:])
     a = empty_output(x)
@@ -750,6 +840,8 @@ def apply(a, x, finalized, act: int):
 
 def conv_apply(x, weight, bias, finalized, act: int, pads: Tuple[int, int], store_a: bool):
     """Eval: y = act(dwconv(x) + b) * scale + shift + x in one kernel; a kept only if ``store_a``."""
+    if _path(x, weight) == "tensor_cores":
+        return _tc().conv_apply(x, weight, bias, finalized, act, pads, store_a)
     N, C, H, W = x.shape
     kernel = tuple(weight.shape[-2:])
     y = empty_output(x)
@@ -849,7 +941,9 @@ def input_grad(dy, a, x, weight, coef, act: int, pads: Tuple[int, int], train: b
     stores each tile's own da when dw or db is asked for; ``_weight_grad_kernel`` reads it with x.
     ``prologue`` (``prologue.Affine``): the forward read z = affine(x), so dw = sum da * z, z built as
     ``_weight_grad_kernel`` stages x (zero padded as z); dx stays the gradient with respect to z, and
-    dy, a and db do not depend on it."""
+    dy, a and db do not depend on it. Tensor-core path (``_path``): ``depthwise_tc.input_grad``."""
+    if _path(x, weight, prologue) == "tensor_cores":
+        return _tc().input_grad(dy, a, x, weight, coef, act, pads, train, need_dx, need_dw, need_db)
     N, C, H, W = x.shape
     KH, KW = weight.shape[-2:]
     dev = x.device

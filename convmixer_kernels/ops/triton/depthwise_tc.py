@@ -1,7 +1,10 @@
 """Tensor-core depthwise conv for large kernels (k >= 7, bf16/fp16), issue 11 (the tensor-core part).
 
-Not wired into the backend: ``choose_path`` says when it should run, ``tc_unsupported`` when it cannot.
-The launchers keep the contract of ``ops/triton/depthwise.py`` (``ops/depthwise_block.py``).
+Wired into the Triton backend by ``ops/triton/depthwise.py``'s ``_path`` (the one place the path is chosen,
+logged; ``CONVMIXER_KERNELS_DW_PATH`` forces one): its ``conv_stats``, ``conv_apply`` and ``input_grad``
+delegate here when ``choose_path`` says "tc" and no input-side prologue is given (these kernels have none);
+``tc_unsupported`` says when they cannot run. The launchers keep the contract of ``ops/triton/depthwise.py``
+(``ops/depthwise_block.py``); ``finalize``, ``apply`` and ``grad_sums`` are that file's.
 
 The idea. Per channel, a 2-D conv is a sum over kernel rows i of 1-D row convolutions, and a 1-D
 conv of a W-tile is a GEMM with a banded (Toeplitz) matrix:
@@ -402,7 +405,7 @@ def tc_unsupported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
 
 
 def choose_path(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """"tc" or "cuda_core" for the depthwise conv of this block (not wired into the backend yet).
+    """"tc" or "cuda_core" for the depthwise conv of this block (``depthwise._path`` applies it, logged).
 
     Rule, from the static sm_90 predictions (not measurements) in bench/results/static-sm90-depthwise-tc.json,
     paper shape 64 x 1536 x 32 x 32, bf16, channels_last: the tensor-core conv work (forward, da, dx, dw) is
