@@ -246,7 +246,7 @@ def static_table(paths: List[str]) -> str:
     assumptions = None
     out += ["| config | backend | block | phase | kernels | predicted µs | floor µs | % of floor | DRAM passes (budget) |"
             " eager passes (counted) |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    heads = []
+    heads, stacks = [], []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -267,7 +267,15 @@ def static_table(paths: List[str]) -> str:
             out.append(f"| {name} | {backend} | {b['block']} | {b['phase']} | {b['kernels']} | "
                        f"{b['predicted_us']:,.0f} | {b['floor_us']:,.0f} | {pct:.0f}% | {passes} | "
                        f"{f'{ev:.1f}' if ev else '-'} |")
-        st, mem = data.get("step") or {}, data.get("memory") or {}
+        st, mem, sk = data.get("step") or {}, data.get("memory") or {}, data.get("stack") or {}
+        if sk:
+            lo = sk["low_memory"]
+            stacks.append(f"| {name} (batch {w['batch']}) | {sk['predicted_ms']:.1f} ms | {sk['floor_ms']:.1f} ms | "
+                          f"{sk['images_per_s_predicted']:,.0f} | {sk['speedup_vs_per_block_fusion']:.2f}x | "
+                          f"{sk['passes_per_layer']:.1f} = {sk['dram_vs_eager']:.2f}x | "
+                          f"{sk['saved_per_layer_units']:.2f} = {sk['saved_vs_eager']:.2f}x | "
+                          f"{lo['saved_per_layer_units']:.2f} = {lo['saved_vs_eager']:.2f}x, {lo['cost_vs_normal']:.2f}x time | "
+                          f"{sk['inference_kernels_per_layer']} |")
         if st:
             heads.append(f"| {name} (batch {w['batch']}) | {st['predicted_ms']:.1f} ms | {st['floor_ms']:.1f} ms | "
                          f"{st['images_per_s_predicted']:,.0f} | {st['dram_vs_eager']:.2f}x | "
@@ -277,6 +285,14 @@ def static_table(paths: List[str]) -> str:
         out += ["", "| training step (layers only) | predicted | floor | img/s predicted | DRAM vs eager (target ≤ 0.45x) "
                 "| saved for backward vs eager (target ≤ 0.5x) | file |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         out += heads
+    if stacks:
+        out += ["", "The fused layer stack (`FusedSequential`, the default of `fused=True`; design.md §3.3), one interior "
+                "layer x depth:", "",
+                "| training step (layers only) | predicted | floor | img/s predicted | vs per-block fusion (speed) "
+                "| DRAM passes per layer = vs eager (target ≤ 0.45x) | saved tensors per layer = vs eager (target ≤ 0.5x) "
+                "| `memory=\"low\"` (target ≤ 0.3x) | eval kernels per layer (target 2) |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += stacks
     out += kernel_table(paths) + sweep_table(paths)
     if assumptions:
         out += ["", "Assumptions:"] + [f"- {a}" for a in assumptions]

@@ -75,7 +75,7 @@ class FusedSequential(nn.Sequential):
     @classmethod
     def from_module(cls, module: nn.Sequential, backend: str = "auto", memory: str = "normal") -> "FusedSequential":
         """The same children under the same names, shared (not copied)."""
-        if isinstance(module, FusedSequential):
+        if type(module) is cls:
             module._init_stack(backend, memory)
             return module
         new = cls.__new__(cls)

@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("CONVMIXER_KERNELS_POISON", "1")
 # The tests pick backends explicitly; a user's override must not change what they test.
 os.environ.pop("CONVMIXER_KERNELS_BACKEND", None)
+os.environ.pop("CONVMIXER_KERNELS_DW_PATH", None)
+os.environ.pop("CONVMIXER_KERNELS_FOLD", None)
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

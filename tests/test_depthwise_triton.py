@@ -373,12 +373,12 @@ for dtype, (k, train, int64, act) in itertools.product(["*bf16", "*fp32"], [(9, 
     common = dict(TH=8, TW=8, BLOCK_C=32, INT64=int64, ACT=act)
     conv = dict(common, KH=k, KW=k, PT=(k - 1) // 2, PL=(k - 1) // 2)
     pairs = dtype == "*bf16"  # bf16 windows read as int32 channel pairs
-    build(D._conv_kernel, dtype, dict(conv, HAS_BIAS=True, TRAIN=train, STORE_A=True, PAIRS=pairs), ("sxc", "soc"))
+    build(D._conv_kernel, dtype, dict(conv, HAS_BIAS=True, TRAIN=train, STORE_A=True, PAIRS=pairs, PRO_ACT=-1), ("sxc", "soc"))
     build(D._apply_kernel, dtype, common, ("sxw", "sow"))
     build(D._reduce_kernel, dtype, common)
     build(D._input_grad_kernel, dtype, dict(conv, TRAIN=train, NEED_DX=True, STORE_DA=True), ("sgc", "soc"),
           f32_scratch=True)
-    build(D._weight_grad_kernel, dtype, dict(conv, G=min(k, 9), TH=4, TW=8, PAIRS=pairs), ("sdc", "sxc"))
+    build(D._weight_grad_kernel, dtype, dict(conv, G=min(k, 9), TH=4, TW=8, PAIRS=pairs, PRO_ACT=-1), ("sdc", "sxc"))
 build(TC._sum_rows_kernel, "*fp32", dict(BLOCK=128, SPLIT=8))
 build(TB._finalize_kernel, "*fp32", dict(HAS_WEIGHT=True, HAS_BIAS=True, SPLIT=32, BLOCK_C=32))
 print("compiled")

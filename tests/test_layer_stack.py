@@ -251,3 +251,20 @@ def test_fold_plan_is_chosen_in_one_place(monkeypatch):
     monkeypatch.setenv("CONVMIXER_KERNELS_FOLD", "sideways")
     with pytest.raises(ValueError, match="CONVMIXER_KERNELS_FOLD"):
         fold_plan("triton", [0], [0])
+
+
+def test_timm_style_model_trains_as_a_stack_and_converts_back():
+    from reference_impls import TimmStyleConvMixer
+
+    ref = randomize_(TimmStyleConvMixer(6, 3, 3, 1, num_classes=5), seed=0)
+    fused = fuse_convmixer(copy.deepcopy(ref), "torch")
+    assert isinstance(fused.blocks, FusedSequential)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    fused.blocks = TorchAlgebra.from_module(fused.blocks, "torch")
+    x = torch.randn(4, 3, 6, 6)
+    out, expect = fused(x), ref(x)
+    assert fused.blocks.last_stacked
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+    back = unfuse_convmixer(fused)
+    assert type(back.blocks) is nn.Sequential
+    ref.load_state_dict(back.state_dict(), strict=True)

@@ -183,6 +183,8 @@ class Shape:
 PHASES = {
     "dw_block": ("forward (training)", "forward (eval)", "backward"),
     "pw_block": ("forward (training)", "forward (eval)", "backward"),
+    # one interior layer of the fused layer stack (ops/layer_stack.py): BatchNorm applies folded into prologues
+    "layer_stack": ("forward (training)", "backward", "backward (memory=low)"),
 }
 
 
@@ -192,6 +194,8 @@ def capture(op: str, s: Shape, phases=None, all_configs: bool = False) -> List[L
     from convmixer_kernels.ops.activation import ACT_CODE
 
     phases = phases or PHASES[op]
+    if op == "layer_stack":
+        return _capture_stack_layer(s, phases, all_configs)
     meta = dict(device="meta")
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
     N, C, H, k = s.batch, s.dim, s.size, s.kernel_size
@@ -230,6 +234,65 @@ def capture(op: str, s: Shape, phases=None, all_configs: bool = False) -> List[L
                     pw.grad_sums(dz, p, f32(6, C), act)
                     pw.input_grad(dz, p, x, w, f32(4, C), act, True, True, True, True)
     return rec.launches
+
+
+def _capture_stack_layer(s: Shape, phases, all_configs: bool) -> List[Launch]:
+    """One interior layer of the fused stack, run by ``ops/layer_stack.py``'s own layer functions with the
+    folds the Triton stack uses (``fold_plan``): its input is the previous layer's p (row-major [M, C], read as
+    channels_last) with that BatchNorm's apply, built on load or by an apply pass."""
+    from convmixer_kernels.ops import layer_stack as ls
+    from convmixer_kernels.ops.activation import ACT_CODE
+    from convmixer_kernels.ops.prologue import Affine
+
+    meta = dict(device="meta")
+    N, C, H, k = s.batch, s.dim, s.size, s.kernel_size
+    M = N * H * H
+    act = ACT_CODE[s.activation]
+    f32 = lambda *shape: torch.empty(*shape, dtype=torch.float32, **meta)  # noqa: E731
+    pads = ((k - 1) // 2, (k - 1) // 2)
+    cfg = ls._Config([1e-5], [1e-5], [act], [act], [pads], "", ls.fold_plan("triton", [act], [act]))
+    with recording() as rec, sm90_policy(rec, all_configs) as (dw, pw), torch.no_grad():
+        prev_p = torch.empty(M, C, dtype=s.dtype, **meta)
+        inp = ls._Input(ls._rows_as_activation(prev_p, N, H, H), Affine(f32(6, C), act), prev_p)
+        lp = [torch.empty(C, 1, k, k, dtype=s.dtype, **meta), torch.empty(C, dtype=s.dtype, **meta), f32(C), f32(C),
+              torch.empty(C, C, 1, 1, dtype=s.dtype, **meta), torch.empty(C, dtype=s.dtype, **meta), f32(C), f32(C)]
+        for phase in phases:
+            rec.phase = f"layer_stack {phase}"
+            if phase == "forward (training)":
+                ls._layer_forward(dw, pw, inp, lp, cfg, 0, True)
+            else:
+                a = None if phase == "backward (memory=low)" else torch.empty_like(inp.view)
+                G = torch.empty_like(inp.view)
+                p = torch.empty(M, C, dtype=s.dtype, **meta)
+                ls._layer_backward(dw, pw, G, inp, a, p, f32(6, C), f32(6, C), lp, cfg, 0, True)
+    return rec.launches
+
+
+def stack_saved(s: Shape, memory: str = "normal", depth: int = 3) -> Tuple[int, int]:
+    """(bytes, tensors) per layer that a ``depth``-layer fused stack keeps for its backward at ``s`` (meta tensors,
+    nothing launched: the op's fake runs), the stack's input included once and spread over the layers."""
+    from .traffic import saved_bytes
+
+    from convmixer_kernels.ops.batchnorm import BatchNormCall
+    from convmixer_kernels.ops.layer_stack import StackLayer, layer_stack_fused
+
+    meta = dict(device="meta")
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    N, C, H, k = s.batch, s.dim, s.size, s.kernel_size
+    x = torch.empty(N, C, H, H, dtype=s.dtype, **meta).contiguous(memory_format=fmt).requires_grad_(True).clone()
+    params, layers = [], []
+    for _ in range(depth):
+        t = lambda *shape, dt=s.dtype: torch.empty(*shape, dtype=dt, **meta).requires_grad_(True)  # noqa: E731
+        w_dw, b_dw, w_pw, b_pw = t(C, 1, k, k), t(C), t(C, C, 1, 1), t(C)
+        bns = [BatchNormCall(t(C, dt=torch.float32), t(C, dt=torch.float32), torch.empty(C, **meta),
+                             torch.empty(C, **meta), True, 0.1, 1e-5) for _ in range(2)]
+        layers.append(StackLayer(w_dw, b_dw, bns[0], w_pw, b_pw, bns[1], s.activation, s.activation, "same"))
+        params += [w_dw, b_dw, w_pw, b_pw] + [p for bn in bns for p in (bn.weight, bn.bias, bn.running_mean,
+                                                                         bn.running_var)]
+    with recording() as rec, sm90_policy(rec, False):
+        nbytes, count = saved_bytes(lambda: layer_stack_fused(x, layers, backend="triton", memory=memory),
+                                    exclude=tuple(params))
+    return nbytes / depth, count / depth
 
 
 def fused_saved(op: str, s: Shape) -> Tuple[int, int]:

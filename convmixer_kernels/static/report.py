@@ -19,9 +19,15 @@ from .ceilings import H200
 SCHEMA = "convmixer-kernels-static/1"
 # design.md section 4: fused per-module budgets, in tensor passes (None: no budget stated)
 BUDGETS = {("dw_block", "forward (training)"): 5, ("dw_block", "forward (eval)"): 2, ("dw_block", "backward"): 6,
-           ("pw_block", "forward (training)"): 4, ("pw_block", "forward (eval)"): None, ("pw_block", "backward"): 9}
+           ("pw_block", "forward (training)"): 4, ("pw_block", "forward (eval)"): None, ("pw_block", "backward"): 9,
+           # one interior layer of the fused stack (design.md 3.3, section 4's whole-layer column); the
+           # low-memory backward adds the depthwise conv's recompute (read p, write a)
+           ("layer_stack", "forward (training)"): 5, ("layer_stack", "backward"): 13,
+           ("layer_stack", "backward (memory=low)"): 15}
 EAGER_BUDGETS = {("dw_block", "forward (training)"): 10, ("dw_block", "forward (eval)"): 7,
-                 ("dw_block", "backward"): 15, ("pw_block", "forward (training)"): 7, ("pw_block", "backward"): 12}
+                 ("dw_block", "backward"): 15, ("pw_block", "forward (training)"): 7, ("pw_block", "backward"): 12,
+                 ("layer_stack", "forward (training)"): 17, ("layer_stack", "backward"): 27}
+OPS = ("dw_block", "pw_block", "layer_stack")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -174,7 +180,7 @@ def block_summaries(kernels: List[dict], shape: launches.Shape, eager: Dict[str,
                     "eager_passes_counted": ev["passes"] if ev else None,
                     "eager_passes_design": EAGER_BUDGETS.get((block, phase)),
                     "useful_fma": fma, "mma_flops": mma, "pixels": m})
-    for block in ("dw_block", "pw_block"):
+    for block in OPS:
         parts = [b for b in out if b["block"] == block and b["phase"] in ("forward (training)", "backward")]
         if len(parts) == 2:
             out.append({"block": block, "phase": "forward+backward (training)", "kernels": sum(p["kernels"] for p in parts),
@@ -197,15 +203,17 @@ def inspect_workload(w: Workload, backends=("triton", "cuda"), all_configs: bool
                        for op, e in eager.items()}
     if "triton" in backends:
         cache: Dict[tuple, dict] = {}
-        for op in ("dw_block", "pw_block"):
+        for op in OPS:
             for launch in launches.capture(op, shape, all_configs=all_configs):
                 if progress:
                     progress(f"{launch.phase}: {launch.kernel} grid {launch.grid}")
                 result["kernels"].append(dict(kernel_record(launch, cache), backend="triton"))
         result["blocks"] = [dict(b, backend="triton") for b in block_summaries(result["kernels"], shape, eager)]
-        per_layer = sum(b["predicted_us"] for b in result["blocks"] if b["phase"] == "forward+backward (training)")
-        floor = sum(b["floor_us"] for b in result["blocks"] if b["phase"] == "forward+backward (training)")
-        dram = sum(b["dram_bytes"] for b in result["blocks"] if b["phase"] == "forward+backward (training)")
+        per_block = [b for b in result["blocks"] if b["phase"] == "forward+backward (training)"
+                     and b["block"] in ("dw_block", "pw_block")]
+        per_layer = sum(b["predicted_us"] for b in per_block)
+        floor = sum(b["floor_us"] for b in per_block)
+        dram = sum(b["dram_bytes"] for b in per_block)
         eager_bytes = sum(e[ph]["bytes"] for e in eager.values() for ph in e)
         result["step"] = {"what": "depth x (dw + pw block, forward training + backward); stem/head/optimizer excluded",
                           "per_layer_predicted_us": per_layer, "per_layer_floor_us": floor,
@@ -226,10 +234,44 @@ def inspect_workload(w: Workload, backends=("triton", "cuda"), all_configs: bool
                                "eager_tensors": es[op][1]} for op in fs},
             "peak_saved_fused_bytes": w.depth * fused_layer, "peak_saved_eager_bytes": w.depth * eager_layer,
             "peak_ratio": fused_layer / eager_layer if eager_layer else None, "target_peak_ratio": 0.5}
+        result["stack"] = stack_summary(w, shape, result["blocks"], result["kernels"], eager_bytes, eager_layer,
+                                        result["step"])
     if "cuda" in backends:
         result["cuda_extension"] = cuda_launches(w, shape, progress)
         result["blocks"] += cuda_block_summaries(result["cuda_extension"].get("kernels", []), shape, eager)
     return result
+
+
+def stack_summary(w: Workload, shape: launches.Shape, blocks: List[dict], kernels: List[dict], eager_bytes: float,
+                  eager_saved: float, per_block_step: dict) -> dict:
+    """The fused layer stack's training step (interior layers x depth; the stack's final apply, stem and head
+    excluded), its traffic and saved bytes against eager, the low-memory mode's cost, and the kernels one
+    eval layer launches."""
+    get = lambda phase: next((b for b in blocks if b["block"] == "layer_stack" and b["phase"] == phase  # noqa: E731
+                              and b.get("backend", "triton") == "triton"), None)
+    both, low, fwd = get("forward+backward (training)"), get("backward (memory=low)"), get("forward (training)")
+    if both is None:
+        return {}
+    per_layer = both["predicted_us"]
+    saved = {mode: launches.stack_saved(shape, mode)[0] for mode in ("normal", "low")}
+    eval_kernels = sum(1 for k in kernels if k["phase"] == "forward (eval)" and not k["candidate"]
+                       and k["block"] in ("dw_block", "pw_block"))
+    low_layer = fwd["predicted_us"] + low["predicted_us"] if (fwd and low) else None
+    return {"what": "depth x one interior layer of the fused stack (forward training + backward); the stack's final "
+                    "apply, stem, head and optimizer excluded",
+            "per_layer_predicted_us": per_layer, "per_layer_floor_us": both["floor_us"],
+            "predicted_ms": w.depth * per_layer / 1e3, "floor_ms": w.depth * both["floor_us"] / 1e3,
+            "images_per_s_predicted": w.batch / (w.depth * per_layer / 1e6) if per_layer else None,
+            "speedup_vs_per_block_fusion": per_block_step["per_layer_predicted_us"] / per_layer if per_layer else None,
+            "dram_bytes_per_layer": both["dram_bytes"], "passes_per_layer": both["passes"],
+            "dram_vs_eager": both["dram_bytes"] / eager_bytes if eager_bytes else None, "target_dram_vs_eager": 0.45,
+            "saved_per_layer_bytes": saved["normal"], "saved_per_layer_units": saved["normal"] / shape.unit_bytes,
+            "saved_vs_eager": saved["normal"] / eager_saved if eager_saved else None, "target_saved_vs_eager": 0.5,
+            "low_memory": {"saved_per_layer_bytes": saved["low"], "saved_per_layer_units": saved["low"] / shape.unit_bytes,
+                           "saved_vs_eager": saved["low"] / eager_saved if eager_saved else None,
+                           "target_saved_vs_eager": 0.3, "per_layer_predicted_us": low_layer,
+                           "cost_vs_normal": low_layer / per_layer if (low_layer and per_layer) else None},
+            "inference_kernels_per_layer": eval_kernels, "target_inference_kernels_per_layer": 2}
 
 
 def cuda_block_summaries(kernels: List[dict], shape: launches.Shape, eager: Dict[str, dict]) -> List[dict]:
@@ -377,6 +419,16 @@ def format_report(r: dict) -> str:
         lines += ["", f"training step ({s['what']}): predicted {s['predicted_ms']:.2f} ms, floor {s['floor_ms']:.2f} ms,"
                   f" {s['images_per_s_predicted']:.0f} img/s predicted; DRAM per layer {s['dram_bytes_per_layer'] / 1e9:.2f} GB"
                   f" = {s['dram_vs_eager']:.2f}x eager counted (target <= 0.45x)"]
+    st = r.get("stack") or {}
+    if st:
+        lo = st["low_memory"]
+        lines += [f"fused layer stack ({st['what']}): predicted {st['predicted_ms']:.2f} ms, floor {st['floor_ms']:.2f} ms, "
+                  f"{st['images_per_s_predicted']:.0f} img/s predicted ({st['speedup_vs_per_block_fusion']:.2f}x per-block "
+                  f"fusion); DRAM per layer {st['passes_per_layer']:.1f} passes = {st['dram_vs_eager']:.2f}x eager "
+                  f"(target <= 0.45x); saved per layer {st['saved_per_layer_units']:.2f} tensors = "
+                  f"{st['saved_vs_eager']:.2f}x eager (target <= 0.5x); memory='low': {lo['saved_per_layer_units']:.2f} "
+                  f"tensors = {lo['saved_vs_eager']:.2f}x (target <= 0.3x) for {lo['cost_vs_normal']:.2f}x the time; "
+                  f"eval: {st['inference_kernels_per_layer']} kernels per layer"]
     m = r.get("memory") or {}
     if m:
         lines.append(f"saved for backward per layer: fused {m['saved_per_layer_fused_units']:.2f} tensors, eager "
