@@ -159,6 +159,22 @@ cmk::DepthwiseParams conv_params(const Tensor& x, const Tensor& weight, int64_t 
   return p;
 }
 
+// The input-side prologue (design.md 3.3): the conv kernels read z = act_pro(x) * scale + shift
+// instead of x. Both vectors or neither; [C] float32, contiguous, on the input's device.
+void set_prologue(cmk::DepthwiseParams& p, const Tensor& x, const OptTensor& scale, const OptTensor& shift,
+                  int64_t act) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), kName, ": the prologue needs both its scale and its shift, got ",
+              scale ? "only the scale" : "only the shift");
+  if (!scale) return;
+  TORCH_CHECK(act >= 0 && act <= 2, kName, ": unknown prologue activation code ", act,
+              " (0 gelu, 1 gelu_tanh, 2 relu)");
+  check_channel_vector(*scale, x, at::kFloat, "the prologue scale");
+  check_channel_vector(*shift, x, at::kFloat, "the prologue shift");
+  p.pro_scale = scale->data_ptr<float>();
+  p.pro_shift = shift->data_ptr<float>();
+  p.pro_act = static_cast<cmk::Act>(act);
+}
+
 void check_plan(const char* error, const cmk::DepthwiseParams& p, const char* pass) {
   TORCH_CHECK(error == nullptr, kName, ": ", pass, ": ", (error ? error : ""), " (kernel ", p.KH, "x", p.KW, ", ",
               p.channels_last ? "channels_last" : "NCHW", " layout)");
@@ -215,14 +231,19 @@ Tensor empty_like_preserve(const Tensor& t) { return poisoned(at::empty_like(t, 
 // ------------------------------------------------------------------ entry points
 
 // training: returns [a, partials [3, T, C]]; eval: returns [y] (scale and shift required).
+// pro_scale, pro_shift (training only): the conv reads z = act_pro(x) * pro_scale + pro_shift.
 std::vector<Tensor> forward(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& scale,
-                            const OptTensor& shift, int64_t act, int64_t pad_top, int64_t pad_left, bool training) {
+                            const OptTensor& shift, int64_t act, int64_t pad_top, int64_t pad_left, bool training,
+                            const OptTensor& pro_scale, const OptTensor& pro_shift, int64_t pro_act) {
   CMK_DEVICE_GUARD(x, "the input");
   cmk::DepthwiseParams p = conv_params(x, weight, act, pad_top, pad_left);
   if (bias) {
     check_channel_vector(*bias, x, x.scalar_type(), "the conv bias");
     p.bias = bias->data_ptr();
   }
+  TORCH_CHECK(training || !(pro_scale || pro_shift), kName,
+              ": the eval forward takes no prologue (its residual is x); use the training forward");
+  set_prologue(p, x, pro_scale, pro_shift, pro_act);
   Tensor out = empty_like_preserve(x);
   p.channels_last = channels_last_mapping(out);
   p.x = strided(x);
@@ -286,12 +307,15 @@ Tensor grad_reduce(const Tensor& dy, const Tensor& a, const Tensor& mean, int64_
 }
 
 // [dx, dw_part [G, RG, C, KH, KW] (a view of channel-fastest storage), db_part [G, RG, C]];
-// dg = coef_dy * dy + coef_g * (act(a) - mean) + coef_const (only coef_dy when !batch_stats_grad)
+// dg = coef_dy * dy + coef_g * (act(a) - mean) + coef_const (only coef_dy when !batch_stats_grad);
+// with pro_scale, pro_shift the weight gradient reads z = act_pro(x) * pro_scale + pro_shift (dx is unchanged).
 std::vector<Tensor> backward(const Tensor& dy, const Tensor& a, const Tensor& x, const Tensor& weight,
                              const Tensor& mean, const Tensor& coef_dy, const Tensor& coef_g, const Tensor& coef_const,
-                             int64_t act, int64_t pad_top, int64_t pad_left, bool batch_stats_grad) {
+                             int64_t act, int64_t pad_top, int64_t pad_left, bool batch_stats_grad,
+                             const OptTensor& pro_scale, const OptTensor& pro_shift, int64_t pro_act) {
   CMK_DEVICE_GUARD(x, "the input");
   cmk::DepthwiseParams p = conv_params(x, weight, act, pad_top, pad_left);
+  set_prologue(p, x, pro_scale, pro_shift, pro_act);
   check_like(dy, x, "the output gradient");
   check_like(a, x, "the pre-activation a");
   check_channel_vector(mean, x, at::kFloat, "the BatchNorm mean");
@@ -374,12 +398,21 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "convmixer-kernels: CUDA kernels of the fused depthwise block (csrc/)";
-  m.def("forward", &forward, "depthwise block forward: training -> [a, partials]; eval -> [y]", pybind11::arg("x"),
-        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("scale"), pybind11::arg("shift"),
-        pybind11::arg("act"), pybind11::arg("pad_top"), pybind11::arg("pad_left"), pybind11::arg("training"));
+  namespace py = pybind11;
+  m.def("forward", &forward,
+        "depthwise block forward: training -> [a, partials]; eval -> [y]; pro_scale, pro_shift: the input-side "
+        "prologue z = act_pro(x) * pro_scale + pro_shift (training only)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("scale"), py::arg("shift"), py::arg("act"),
+        py::arg("pad_top"), py::arg("pad_left"), py::arg("training"), py::arg("pro_scale") = py::none(),
+        py::arg("pro_shift") = py::none(), py::arg("pro_act") = 0);
   m.def("apply", &apply, "y = act(a) * scale + shift + x");
   m.def("grad_reduce", &grad_reduce, "[2, T, C]: sum dy, sum dy * (act(a) - mean) per position chunk");
-  m.def("backward", &backward, "[dx, dw_part, db_part]");
+  m.def("backward", &backward,
+        "[dx, dw_part, db_part]; pro_scale, pro_shift: the weight gradient reads z = act_pro(x) * pro_scale + pro_shift",
+        py::arg("dy"), py::arg("a"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("coef_dy"),
+        py::arg("coef_g"), py::arg("coef_const"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"),
+        py::arg("batch_stats_grad"), py::arg("pro_scale") = py::none(), py::arg("pro_shift") = py::none(),
+        py::arg("pro_act") = 0);
   m.def("combine", &combine, "BatchNorm partials [3, T, C] -> [3, 1, C], in a fixed (deterministic) order");
   m.def("config_error", &config_error, "why a geometry cannot run, or ''");
   m.def("build_info", &build_info, "what the extension was built against");

@@ -112,6 +112,24 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::N]
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
+// a * b and a + b each rounded once (never contracted into an fma): the roundings of torch's
+// elementwise ops, which the prologue's act(x) * s + t must reproduce.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#ifdef CMK_EMULATE
+  volatile float r = a * b;  // stored: the host compiler cannot contract it with the add
+  return r;
+#else
+  return __fmul_rn(a, b);
+#endif
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+#ifdef CMK_EMULATE
+  return a + b;
+#else
+  return __fadd_rn(a, b);
+#endif
+}
+
 // n / d for 0 <= n < 2^30 (see FastDiv in plan.h).
 __device__ __forceinline__ int divide(const FastDiv& f, int n) {
   return static_cast<int>((static_cast<uint64_t>(n) * f.mul) >> f.shift);

@@ -10,7 +10,9 @@
 //     along W (conv_strip), accumulating in fp32;
 //   * kernel rows are processed in chunks of plan.row_chunk rows when the whole halo tile
 //     would not fit the shared-memory budget (large k); for k = 3, 5, 7, 9 the chunk is the
-//     whole kernel and the loops are unrolled at compile time (template argument K_).
+//     whole kernel and the loops are unrolled at compile time (template argument K_);
+//   * an input-side prologue (p.pro_scale != nullptr, design.md 3.3) stages z = act(x) * s + t
+//     instead of x (load_tile_prologue), a runtime switch at staging, outside the FMA loops.
 // The backward's transposed conv is the same correlation run over the da tile with the
 // flipped weights: dx[h, w] = sum_{i,j} w[i, j] * da[h + pt - i, w + pl - j].
 #pragma once
@@ -186,6 +188,42 @@ __device__ void load_tile(const DepthwiseParams& p, const SmemTile<Tile>& dst, i
         dst.at(c, q, v) = (row_ok && w >= 0 && w < p.W) ? fn.scalar(n, cg, h, w) : 0.f;
       }
     }
+  }
+}
+
+// load_tile for the input-side prologue (design.md 3.3): dst.at(c, q, v) = z = act_pro(x) * pro_scale +
+// pro_shift of x(n, c0 + c, h_begin + q, w_begin + v) (float32 math, the product and the sum each
+// rounded as torch's elementwise ops round them, then rounded to T: what a materialized z would
+// hold); zero outside the image and past the last channel, so the conv pads z with zeros, not with
+// act(0) * s + t. Once per staged element. A loop of its own (load_tile's scalar order) behind a
+// runtime switch, so that a launch without a prologue runs the staging and conv code it ran before
+// (the float16/bfloat16 channels_last forward sits at its 64-register bound: a second, vectorized
+// staging loop, or the prologue folded into load_tile's loops, made ptxas spill its epilogue).
+template <class Tile, typename T>
+__device__ void load_tile_prologue(const DepthwiseParams& p, const SmemTile<Tile>& dst, int n, int c0, int h_begin,
+                                   int w_begin, int rows, int cols) {
+  const T* x = static_cast<const T*>(p.x.data);
+  const int total = Tile::CB * rows * cols;
+  for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
+    int c, q, v;  // consecutive threads: consecutive channels (channels_last) or columns (NCHW)
+    if (Tile::kChannelsLast) {
+      c = e % Tile::CB;
+      const int pos = e / Tile::CB;
+      q = pos / cols;
+      v = pos % cols;
+    } else {
+      v = e % cols;
+      const int rest = e / cols;
+      q = rest % rows;
+      c = rest / rows;
+    }
+    const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
+    float z = 0.f;
+    if (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) {
+      const float g = act_forward(p.pro_act, to_float(x[offset(p.x, n, cg, h, w)]));
+      z = round_to<T>(add_rn(mul_rn(g, p.pro_scale[cg]), p.pro_shift[cg]));
+    }
+    dst.at(c, q, v) = z;
   }
 }
 
@@ -370,8 +408,11 @@ __global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
   for (int i0 = 0; i0 < KH; i0 += KC) {
     const int kc = imin(KC, KH - i0);
     __syncthreads();  // nobody still reads the previous chunk
-    load_tile<Tile, T>(p, xs, tp.n, c0, tp.h0 - p.pad_top + i0, tp.w0 - p.pad_left, Tile::TH + kc - 1,
-                       Tile::TW + KW - 1, xval);
+    const int xh = tp.h0 - p.pad_top + i0, xw = tp.w0 - p.pad_left;
+    if (p.pro_scale == nullptr)
+      load_tile<Tile, T>(p, xs, tp.n, c0, xh, xw, Tile::TH + kc - 1, Tile::TW + KW - 1, xval);
+    else  // the conv reads z = prologue(x)
+      load_tile_prologue<Tile, T>(p, xs, tp.n, c0, xh, xw, Tile::TH + kc - 1, Tile::TW + KW - 1);
     load_weights<Tile, T>(p, ws, c0, i0, kc, KH, KW, false);
     __syncthreads();
     conv_strip<Tile, K_>(acc, xs, ws, me.c, me.row, me.col0, kc, KW);
@@ -536,7 +577,10 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     const TilePos tp = tile_pos(plan, tile);
     __syncthreads();  // nobody still reads the previous tile
-    load_tile<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW, xval);
+    if (p.pro_scale == nullptr)
+      load_tile<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW, xval);
+    else  // dw = sum da * z (dx does not read the x tile)
+      load_tile_prologue<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW);
     float acc[RW];
 #pragma unroll
     for (int t = 0; t < RW; ++t) acc[t] = 0.f;

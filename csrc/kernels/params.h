@@ -51,6 +51,14 @@ struct DepthwiseParams {
   const float* coef_const = nullptr;
   bool batch_stats_grad = false;  // false: dg = coef_dy * dy (eval-mode backward, affine only)
 
+  // ---- input-side prologue (design.md 3.3; training forward and backward): where the conv kernels
+  // read x they read z = act_pro(x) * pro_scale[c] + pro_shift[c] (float32 math, rounded to the
+  // activation dtype), applied once per element staged into shared memory; the zero padding stays
+  // zero (it pads z). nullptr: no prologue, x is read as it is.
+  const float* pro_scale = nullptr;  // [C] or nullptr
+  const float* pro_shift = nullptr;  // [C], set together with pro_scale
+  Act pro_act = Act::Gelu;
+
   // ---- float32 outputs
   float* stats = nullptr;    // forward training: [3, tiles, C] (count, mean, M2 of act(a)); reduce: [2, tiles, C]
   float* dw_part = nullptr;  // backward: [groups, row_groups, KH, KW, C] (channel fastest)

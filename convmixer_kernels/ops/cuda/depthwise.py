@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ... import _cuda_ext
 from ..batchnorm import MEAN, RSTD, SCALE, SHIFT, finalized_from_combined
+from ..prologue import Affine
 
 
 def _ext():
@@ -30,6 +31,16 @@ def _in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
     if t.stride() == ref.stride():
         return t
     return torch.empty_like(ref).copy_(t)
+
+
+def _prologue_args(prologue: Optional[Affine]) -> tuple:
+    """(pro_scale, pro_shift, pro_act) of the extension: the conv reads z = act(x) * scale + shift (ops/prologue.py)."""
+    if prologue is None:
+        return None, None, 0
+    f = prologue.finalized
+    if f.dim() != 2 or f.shape[0] <= SHIFT:
+        raise ValueError(f"prologue: finalized must be [6, C] float32, got shape {tuple(f.shape)}")
+    return f[SCALE].contiguous(), f[SHIFT].contiguous(), int(prologue.act)
 
 
 # ------------------------------------------------------------------ the contract
@@ -55,9 +66,12 @@ def unsupported(*, x: Tensor, weight: Tensor, **_) -> Optional[str]:
     return None
 
 
-def conv_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, pads: Tuple[int, int]):
-    """(a, partials): a = dwconv(x) + b in x's dtype and layout; partials [3, T, C] of act(a)."""
-    a, partials = _ext().forward(x, weight.contiguous(), bias, None, None, act, pads[0], pads[1], True)
+def conv_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, pads: Tuple[int, int],
+               prologue: Optional[Affine] = None):
+    """(a, partials): a = dwconv(x) + b in x's dtype and layout; partials [3, T, C] of act(a). With a prologue
+    the conv reads z = affine(x) instead of x, built while staging (zero padding applies to z)."""
+    a, partials = _ext().forward(x, weight.contiguous(), bias, None, None, act, pads[0], pads[1], True,
+                                 *_prologue_args(prologue))
     return a, partials
 
 
@@ -93,14 +107,15 @@ def grad_sums(dy: Tensor, a: Tensor, stats: Tensor, act: int) -> Tensor:
 
 
 def input_grad(dy: Tensor, a: Tensor, x: Tensor, weight: Tensor, coef: Tensor, act: int, pads: Tuple[int, int],
-               train: bool, need_dx: bool, need_dw: bool, need_db: bool):
+               train: bool, need_dx: bool, need_dw: bool, need_db: bool, prologue: Optional[Affine] = None):
     """(dx, dw, db) with dx = dy + dwconv^T(da), da = (k1*(dy - mean_dy) + k2*(act(a) - mean)) * act'(a)
-    (the extension takes the additive form k1*dy + k2*(act(a) - mean) + k3, k3 = -k1 * mean_dy)."""
+    (the extension takes the additive form k1*dy + k2*(act(a) - mean) + k3, k3 = -k1 * mean_dy). With a
+    prologue, dw = sum da * z reads z = affine(x) (built while staging); dx stays the gradient w.r.t. z."""
     dy = _in_layout_of(dy, a)
     k1, k2, mean_dy, mean = (c.contiguous() for c in coef)
     k3 = -k1 * mean_dy
     dx, dw_part, db_part = _ext().backward(dy, a, x, weight.contiguous(), mean, k1, k2, k3, act, pads[0], pads[1],
-                                           train)
+                                           train, *_prologue_args(prologue if need_dw else None))
     dw = dw_part.sum(dim=(0, 1)).view(weight.shape).to(weight.dtype) if need_dw else x.new_empty(0)
     db = db_part.sum(dim=(0, 1)).to(weight.dtype) if need_db else x.new_empty(0)
     return (dx if need_dx else x.new_empty(0)), dw, db
