@@ -93,6 +93,49 @@ def test_guard_default_launches_vs_committed_json():
     assert not problems, "static regression (static prediction, not a measurement):\n" + "\n".join(problems)
 
 
+_PAPER_LAUNCHES = r"""
+import json
+from convmixer_kernels.static import launches, report, trips
+cache, out = {}, []  # report's compile cache: a kernel launched by several blocks is compiled once
+for op in report.OPS:
+    for l in launches.capture(op, launches.Shape(64, 1536, 32, 9)):  # 1536/20-k9-p7, bf16, channels_last
+        r = report.kernel_record(l, cache)
+        out.append(dict({k: r.get(k) for k in ("block", "phase", "kernel", "loops", "loops_matched", "compile_error",
+                                               "predicted_us", "mma_flops", "dram_bytes")},
+                        plan=trips.plan_for(l.kernel, l.constexprs, l.args, l.grid) is not None))
+print(json.dumps(out))
+"""
+
+
+@NEEDS_TOOLS
+def test_every_paper_launch_has_a_plan_and_matched_loops():
+    """Every kernel the Triton backend launches for 1536/20-k9-p7 (bf16: the tensor-core depthwise path) has a
+    static/trips.py plan whose loops match the SASS loops; the tensor-core kernels' trips by hand: conv 9 tap rows
+    (a 64-row tile spans two 32-row images) x 1 window chunk (W = BW = 32), dw 1 chunk x 2048 / 32 row steps."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _PAPER_LAUNCHES], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ks = json.loads(p.stdout.strip().splitlines()[-1])
+    bad = [f"{k['block']} {k['phase']}: {k['kernel']} (plan {k['plan']}, loops matched {k['loops_matched']}"
+           f"{', ' + k['compile_error'][:100] if k['compile_error'] else ''})" for k in ks
+           if not k["plan"] or not k["loops_matched"] or k["compile_error"]]
+    assert not bad, "launches without a plan or with unmatched SASS loops:\n" + "\n".join(bad)
+    names = {k["kernel"] for k in ks}
+    assert {"_tc_conv_kernel", "_tc_wgrad_kernel", "_da_kernel"} <= names, sorted(names)
+    trip_tree = lambda loops: [(lp["trip"], trip_tree(lp["children"])) for lp in loops]  # noqa: E731
+    for k in ks:
+        if k["kernel"] == "_tc_conv_kernel":
+            assert trip_tree(k["loops"]) == [(9.0, [(1.0, [])])], k["phase"]
+            assert k["mma_flops"] == 2.0 * 8 * 64 * 32 * 32 * 9 * 192 * 32  # BC*BM*KC*BW per dot, 9 dots/program
+        if k["kernel"] == "_tc_wgrad_kernel":
+            assert trip_tree(k["loops"]) == [(1.0, [(64.0, [])])], k["phase"]
+            assert k["mma_flops"] == 2.0 * 8 * 32 * 32 * 32 * 64 * 192 * 9
+        if k["kernel"] in ("_tc_conv_kernel", "_tc_wgrad_kernel", "_da_kernel"):
+            assert k["dram_bytes"] >= 2 * 64 * 1536 * 32 * 32 * 2 and k["predicted_us"] > 0
+
+
 def _fixture_kernels():
     k = {"block": "dw_block", "phase": "backward", "kernel": "_input_grad_kernel", "candidate": False,
          "predicted_us": 100.0, "spill_bytes": 0, "smem_bytes": 4096}

@@ -9,7 +9,10 @@ or arguments change, this table changes with it.
   bound (``runtime=True``) that the compiler split into an unrolled main loop and a remainder
   loop matches two SASS loops (unroll factor 4, LLVM's default: trips n // 4 and n % 4).
   A SASS loop left unmatched counts once (flagged in the report).
-* ``fma``: useful fp32 FMAs (CUDA cores); ``mma_flops``: useful tensor-core FLOPs.
+* ``fma``: useful fp32 FMAs (CUDA cores); ``mma_flops``: useful tensor-core FLOPs, i.e. those the kernel's
+  algorithm must execute: a GEMM's 2*I*J*K (tile padding excluded); the tensor-core depthwise kernels'
+  Toeplitz products band zeros included (executed by the tensor cores, so in the tensor bound; the conv's own
+  multiply-adds are ``useful_macs``, reported, in no bound).
 * ``reads``/``writes``: tensor arguments the kernel must move to/from DRAM once (a dummy
   argument standing in for an absent tensor is excluded by its condition). ``l2``: extra bytes
   re-read through L2 (halos, scratch, partials read-modify-write), reported, not in the DRAM bound.
@@ -37,6 +40,7 @@ class Plan:
     writes: List[str] = field(default_factory=list)
     l2_bytes: float = 0.0
     what: str = ""
+    useful_macs: float = 0.0  # the math's own multiply-adds where mma_flops executes more (Toeplitz band zeros)
 
 
 def cdiv(a, b):
@@ -121,11 +125,13 @@ def _weight_grad(c, a, grid):
 
 
 def _sum_rows(c, a, grid):
-    if "T" in a:  # ops/triton/common.py: [R, T, L] over T, SPLIT lanes
+    bound = "T" if "T" in a else "R"
+    if bound == "T":  # ops/triton/common.py: [R, T, L] over T, SPLIT lanes
         trip = cdiv(a["T"], c.get("SPLIT", 1))
     else:
         trip = a["R"]
-    return Plan([Loop(trip, runtime=True, name="rows")], reads=["src_ptr"], writes=["out_ptr"],
+    # a bound equal to 1 is specialized as a constexpr: the loop is then a constant one the compiler removes
+    return Plan([Loop(trip, runtime=bound not in c, name="rows")], reads=["src_ptr"], writes=["out_ptr"],
                 what="fixed-order sum of partials")
 
 
@@ -162,6 +168,106 @@ def _bn_bwd(c, a, grid):
                 what="dp = BN_bwd(dz)*act'(p) (act, act' from one erf/tanh)" if store else "sum(dz), sum(dz*xhat)")
 
 
+# ------------------------------------------------------------------ tensor-core depthwise (ops/triton/depthwise_tc.py)
+
+
+def _numel(t):
+    n = 1
+    for d in t.shape:
+        n *= int(d)
+    return n
+
+
+def _tc_windows(a, c):
+    """Window chunks (input columns q_lo..q_hi clipped to the map, KC per dot) of each W-tile."""
+    BW, KC, KW, PL, W = c["BW"], c["KC"], c["KW"], c["PL"], a["W"]
+    out = []
+    for wt in range(a["tiles_w"]):
+        w0 = wt * BW
+        lo, hi = max(w0 - PL, 0), min(w0 + BW - 1 + KW - PL, W)
+        out.append(max(0, cdiv(hi - lo, KC)))
+    return out
+
+
+def _tc_rows(a, c):
+    """Tap rows (i_lo..i_hi) each BM-row tile of the GEMM's rows (n, h) visits: those that reach the map for some
+    row of the tile (a tile spanning two images takes its whole height)."""
+    KH, PT, BM, H, M = c["KH"], c["PT"], c["BM"], a["H"], a["M"]
+    out = []
+    for mt in range(cdiv(M, BM)):
+        m0, m1 = mt * BM, min(mt * BM + BM, M) - 1
+        same = m0 // H == m1 // H
+        h_lo, h_hi = (m0 % H, m1 % H) if same else (0, H - 1)
+        out.append(max(0, min(H + PT - h_lo, KH) - max(PT - h_hi, 0)))
+    return out
+
+
+def _tc_conv(c, a, grid):
+    """``_tc_conv_kernel``: program (channel block, row tile x W-tile); loops: tap rows reached [window chunks],
+    trips averaged over the programs (KH, KW only shape the band). One [BC, BM, KC] x [BC, KC, BW] dot per inner
+    trip. The loops have runtime bounds but are not ``runtime=True``: a loop around a dot is not unroll-split, so
+    an unexpected SASS loop shows as unmatched rather than as a remainder loop."""
+    BC, BM, BW, KC, KH, KW = (c[n] for n in ("BC", "BM", "BW", "KC", "KH", "KW"))
+    rows, chunks = _tc_rows(a, c), _tc_windows(a, c)
+    cblocks = grid[0]
+    x = a["x_ptr"]
+    n_el = _numel(x)
+    el = x.nbytes / max(n_el, 1)
+    # executed: every (tap row, chunk) dot of every program, the band's zeros and masked rows included
+    dots = cblocks * sum(rows) * sum(chunks)
+    mma = 2.0 * BC * BM * KC * BW * dots
+    reads = ["x_ptr", "tab_ptr"] + (["b_ptr"] if c["HAS_BIAS"] else []) + \
+        (["res_ptr"] if c["RES"] or c["APPLY"] else []) + (["scale_ptr", "shift_ptr"] if c["APPLY"] else [])
+    writes = (["out_ptr"] if c["STORE"] else []) + (["y_ptr"] if c["APPLY"] else []) + \
+        (["part_ptr"] if c["STATS"] else [])
+    # L2: the input tile read once per (tap row, chunk), the weight table once per tile (rows reached), both
+    # beyond their one DRAM read
+    tab = a["tab_ptr"].nbytes
+    T = len(rows) * len(chunks)
+    x_reads = dots * BC * BM * KC * el
+    l2 = max(x_reads - x.nbytes, 0) + max(tab * T * (sum(rows) / len(rows)) / KH - tab, 0)
+    what = ("dx = dy + conv^T(da) (flipped kernel, transposed padding)" if c["RES"] else
+            "a = conv(x) + b" + (", per-tile (count, mean, M2) of act(a)" if c["STATS"] else "")
+            + (", y = act(a)*s + t + x" if c["APPLY"] else "")) + " on tensor cores (Toeplitz band)"
+    return Plan([Loop(sum(rows) / len(rows), [Loop(sum(chunks) / len(chunks), name="window chunks")],
+                      name="tap rows reached")],
+                mma_flops=mma, useful_macs=n_el * KH * KW, reads=reads, writes=writes, l2_bytes=l2, what=what)
+
+
+def _tc_wgrad(c, a, grid):
+    """``_tc_wgrad_kernel``: program (channel block, tap row i, row split); loops: W-tiles [window chunks [BR-row
+    steps]] (the W-tile loop is gone when tiles_w = 1 is specialized). Per step one [BC, KC, BR] x [BC, BR, BW]
+    dot; per chunk the banded sum through the program's scratch slot."""
+    BC, BR, BW, KC, KH, KW = (c[n] for n in ("BC", "BR", "BW", "KC", "KH", "KW"))
+    M, per = a["M"], a["rows_per_split"]
+    chunks = _tc_windows(a, c)
+    splits = grid[2]
+    steps = [cdiv(max(min(per, M - s * per), 0), BR) for s in range(splits)]
+    programs = grid[0] * grid[1] * grid[2]
+    mma = 2.0 * BC * KC * BW * BR * grid[0] * grid[1] * sum(steps) * sum(chunks)
+    step_loop = Loop(sum(steps) / splits, name="BR-row steps")
+    nest = Loop(sum(chunks) / len(chunks), [step_loop], name="window chunks")
+    if "tiles_w" not in c:  # a runtime W-tile count (> 1): its loop stays
+        nest = Loop(len(chunks), [nest], name="W-tiles")
+    x, da = a["x_ptr"], a["da_ptr"]
+    W = a["W"]
+    # L2: per tap row the da W-tile once per chunk and x's window (KC columns per chunk), less the one DRAM read;
+    # the scratch slot written and read back once per chunk
+    share = sum(ch * BW for ch in chunks) / W, sum(ch * KC for ch in chunks) / W
+    l2 = max(KH * share[0] - 1, 0) * da.nbytes + max(KH * share[1] - 1, 0) * x.nbytes \
+        + 2 * programs * sum(chunks) * BC * KC * BW * 4
+    n_el = _numel(x)
+    return Plan([nest], mma_flops=mma, useful_macs=n_el * KH * KW, reads=["da_ptr", "x_ptr"],
+                writes=["dwp_ptr"] + (["dbp_ptr"] if c["DB"] else []), l2_bytes=l2,
+                what="dw partials: D_i = X_i^T da over rows (tensor cores), banded sum per chunk"
+                + ("; db" if c["DB"] else ""))
+
+
+def _tc_da(c, a, grid):
+    return Plan([], reads=["dy_ptr", "a_ptr", "coef_ptr"], writes=["da_ptr", "dbp_ptr"],
+                what="da = act'(a) * BN_bwd(dy), materialized; db partials per tile")
+
+
 PLANS: Dict[str, Callable] = {
     "_conv_kernel": _conv,
     "_apply_kernel": lambda c, a, g: _dw_apply(c, a, g) if "x_ptr" in a else _pw_apply(c, a, g),
@@ -172,6 +278,9 @@ PLANS: Dict[str, Callable] = {
     "_finalize_kernel": _finalize,
     "_gemm_kernel": _gemm,
     "_bn_bwd_kernel": _bn_bwd,
+    "_tc_conv_kernel": _tc_conv,
+    "_tc_wgrad_kernel": _tc_wgrad,
+    "_da_kernel": _tc_da,
 }
 
 
