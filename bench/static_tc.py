@@ -5,10 +5,12 @@
 
 The launchers run on meta tensors at the paper's shape (N=64, C=1536, 32x32, bf16, channels_last; NCHW as a
 check), k = 9 and k = 31, under ``static.launches.recording()`` and ``ops/triton/common.static_target()``;
-each launch is compiled for sm_90 with the package's toolchain (``static.report._compile``), its SASS parsed
-(``static.sass``), loop trips set here (these kernels have no entry in ``static/trips.py``), and timed by
-``static.predict.bounds`` against ``static/ceilings.py``'s H200. Every figure is a STATIC PREDICTION, NOT A
-MEASUREMENT. The CUDA-core Triton path's numbers are read from the committed bench/results/static-sm90-*.json.
+each launch goes through ``static.report.kernel_record``, what ``inspect`` reports for it: compiled for sm_90 with
+the package's toolchain, its SASS parsed (``static.sass``), loop trips, useful work and DRAM bytes from the kernel's
+plan in ``static/trips.py`` (``_tc_conv``, ``_tc_wgrad``, ``_tc_da``), and timed by ``static.predict.bounds``
+against ``static/ceilings.py``'s H200; the figures agree with ``inspect`` on the same launch. Every figure is a
+STATIC PREDICTION, NOT A MEASUREMENT. The CUDA-core Triton path's numbers are read from the committed
+bench/results/static-sm90-*.json.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def _env():
 
 def capture(k: int, channels_last: bool = True, N=64, C=1536, S=32):
     """The tensor-core path's launches of one training step's conv work: forward (conv_stats), the backward's
-    da, dx and dw (and the fixed-order sums)."""
+    da, dx and dw (and the fixed-order sums). Every tensor its own storage (x, dy, a, da), as in the backend, so
+    that the DRAM bytes count each once and no two as one."""
     import torch
 
     from convmixer_kernels.ops.triton import common
@@ -44,141 +47,57 @@ def capture(k: int, channels_last: bool = True, N=64, C=1536, S=32):
     from convmixer_kernels.static import launches
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty(N, C, S, S, dtype=torch.bfloat16, device="meta").contiguous(memory_format=fmt)
+    act = lambda: torch.empty(N, C, S, S, dtype=torch.bfloat16, device="meta").contiguous(memory_format=fmt)  # noqa
+    x, dy, a, da = act(), act(), act(), act()
     w = torch.empty(C, 1, k, k, dtype=torch.bfloat16, device="meta")
     b = torch.empty(C, dtype=torch.bfloat16, device="meta")
     f32 = torch.empty(4, C, device="meta")
     pads = ((k - 1) // 2, (k - 1) // 2)
     with launches.recording() as rec, common.static_target(), torch.no_grad():
-        rec.phase = "forward conv_stats"
+        rec.phase = "dw_block forward conv_stats"  # report.kernel_record: block "dw_block", phase the rest
         TC.conv_stats(x, w, b, 0, pads)
-        rec.phase = "backward da"
-        TC.pre_activation_grad(x, x, f32, 0, True)
-        rec.phase = "backward dx"
-        TC.conv_transpose_add(x, x, w, pads)
-        rec.phase = "backward dw"
-        TC.weight_grad(x, x, k, k, pads, db=False)  # input_grad's call: db comes from the da kernel
+        rec.phase = "dw_block backward da"
+        TC.pre_activation_grad(dy, a, f32, 0, True)
+        rec.phase = "dw_block backward dx"
+        TC.conv_transpose_add(da, dy, w, pads)
+        rec.phase = "dw_block backward dw"
+        TC.weight_grad(da, x, k, k, pads, db=False)  # input_grad's call: db comes from the da kernel
     return rec.launches
 
 
-def _depth(loops):
-    return 1 + max((_depth(lp.children) for lp in loops), default=0) if loops else 0
-
-
-def _set(loops, trips):
-    """Trips by nesting level (outermost first) for a single chain of loops; True when the chain matched."""
-    ok = True
-    for lp in loops:
-        lp.trip, lp.matched = (trips[0], True) if trips else (1.0, False)
-        ok = ok and bool(trips)
-        ok = _set(lp.children, trips[1:]) and ok
-    return ok
-
-
-def _conv_plan(l):
-    """Trips (tap rows reached per program, window chunks), executed MMA FLOPs, useful FMAs, DRAM bytes."""
-    c, a = l.constexprs, {**l.args, **l.constexprs}  # ints equal to 1 are specialized as constexprs
-    KH, KW, PT, PL, BC, BM, BW, KC = (c[n] for n in ("KH", "KW", "PT", "PL", "BC", "BM", "BW", "KC"))
-    H, W, M, C = a["H"], a["W"], a["M"], a["C"]
-    tiles_m = -(-M // BM)
-    rows = 0
-    for mt in range(tiles_m):
-        m0, m1 = mt * BM, min(mt * BM + BM, M) - 1
-        same = m0 // H == m1 // H
-        h_lo, h_hi = (m0 % H, m1 % H) if same else (0, H - 1)
-        rows += max(0, min(H + PT - h_lo, KH) - max(PT - h_hi, 0))
-    rows /= tiles_m
-    chunks = 0
-    tiles_w = a["tiles_w"]
-    for wt in range(tiles_w):
-        w0 = wt * BW
-        lo, hi = max(w0 - PL, 0), min(w0 + BW - 1 + KW - PL, W)
-        chunks += max(0, -(-(hi - lo) // KC))
-    chunks /= tiles_w
-    programs = l.programs
-    mma = 2.0 * BC * BM * KC * BW * rows * chunks * programs
-    N = M // H
-    el = a["x_ptr"].nbytes / (N * C * H * W)
-    unit = N * C * H * W * el
-    tab = a["tab_ptr"].nbytes
-    reads = unit * (1 + int(c["RES"]) + int(c["APPLY"])) + tab
-    writes = unit * (int(c["STORE"]) + int(c["APPLY"])) + (a["part_ptr"].nbytes if c["STATS"] else 0)
-    # L2 (not in the DRAM bound): the input tile re-read per tap row, the table per row tile
-    l2 = unit * (rows - 1) + tab * (tiles_m - 1)
-    return [rows, chunks], mma, N * C * H * W * KH * KW, reads + writes, l2, tab
-
-
-def _wgrad_plan(l):
-    c, a = l.constexprs, {**l.args, **l.constexprs}  # ints equal to 1 are specialized as constexprs
-    KH, KW, PL, BC, BR, BW, KC = (c[n] for n in ("KH", "KW", "PL", "BC", "BR", "BW", "KC"))
-    H, W, M, C = a["H"], a["W"], a["M"], a["C"]
-    tiles_w = a["tiles_w"]
-    chunks = 0
-    for wt in range(tiles_w):
-        w0 = wt * BW
-        lo, hi = max(w0 - PL, 0), min(w0 + BW - 1 + KW - PL, W)
-        chunks += max(0, -(-(hi - lo) // KC))
-    steps = -(-a["rows_per_split"] // BR)
-    programs = l.programs
-    mma = 2.0 * BC * KC * BW * BR * steps * chunks * programs
-    N = M // H
-    unit = a["x_ptr"].nbytes
-    moved = 2 * unit + a["dwp_ptr"].nbytes + (a["dbp_ptr"].nbytes if c["DB"] else 0)
-    l2 = 2 * unit * (KH - 1)  # da and x read once per tap row
-    return [chunks, steps], mma, N * C * H * W * KH * KW, moved, l2, 0
+def _trips(loops):
+    """The SASS loops' trips by nesting level, outermost first (one chain in these kernels; ``loops`` has the tree)."""
+    out = []
+    while loops:
+        out += [lp.trip for lp in loops]
+        loops = [ch for lp in loops for ch in lp.children]
+    return out
 
 
 def record(l, cache) -> dict:
-    from convmixer_kernels.static import predict, report
+    """``static.report.kernel_record`` (what ``inspect`` reports: trips, useful work and DRAM bytes from
+    ``static/trips.py``'s plan) plus this study's extras: HMMA counts, the band's useful multiply-adds, the
+    Toeplitz table's size, the mma.sync sensitivity column."""
+    from convmixer_kernels.static import report, trips
 
-    got = report._compile(l, cache)
-    rec = {"phase": l.phase, "kernel": l.kernel, "grid": list(l.grid), "programs": l.programs,
-           "num_warps": l.num_warps, "num_stages": l.num_stages,
-           "constexprs": {k: v for k, v in l.constexprs.items() if isinstance(v, (int, bool, str, float))}}
-    if got["error"]:
-        rec["compile_error"] = got["error"]
+    rec = report.kernel_record(l, cache)
+    rec.pop("block", None)
+    if "compile_error" in rec:
         return rec
-    comp, func = got["compiled"], got["function"]
-    table = 0
-    if l.kernel == "_tc_conv_kernel":
-        trips, mma, fma, moved, l2, table = _conv_plan(l)
-        what = "conv^T(da) + dy (flipped kernel, transposed padding)" if l.constexprs["RES"] else \
-            "a = conv(x) + b, per-tile (count, mean, M2) of act(a)"
-    elif l.kernel == "_tc_wgrad_kernel":
-        trips, mma, fma, moved, l2, _ = _wgrad_plan(l)
-        what = "dw partials: D_i = X_i^T da over rows (tensor cores), banded sum per program; db"
-    else:
-        trips, mma, fma, l2 = [], 0.0, 0.0, 0.0
-        a = {**l.args, **l.constexprs}
-        moved = sum(v.nbytes for v in a.values() if hasattr(v, "nbytes") and v.nbytes > 1e6)
-        what = {"_da_kernel": "da = act'(a) * BN_bwd(dy), materialized; db partials per tile",
-                "_sum_rows_kernel": "fixed-order sum of partials"}.get(l.kernel, "")
-        if l.kernel == "_sum_rows_kernel":
-            trips = [max(1, a["T"] // l.constexprs.get("SPLIT", 1))]
-            moved = a["src_ptr"].nbytes + a["out_ptr"].nbytes
-        if l.kernel == "_da_kernel":
-            moved = a["dy_ptr"].nbytes + a["a_ptr"].nbytes + a["da_ptr"].nbytes + a["dbp_ptr"].nbytes
-    for lp in func.all_loops():
-        lp.trip, lp.matched = 1.0, False
-    matched = _set(func.loops, trips) if func.loops else not trips
-    dyn = func.dynamic_mix()
-    occ = predict.occupancy(comp.resources.registers, comp.dynamic_smem + comp.resources.static_smem, l.num_warps)
-    b = predict.bounds(dyn, l.num_warps, l.programs, occ, fma if not mma else 0.0, mma, moved)
-    waves = b["waves"]
+    func = report._compile(l, cache)["function"]  # its loops carry the trips kernel_record just set
+    plan = trips.plan_for(l.kernel, l.constexprs, l.args, l.grid) or trips.Plan([])
+    dyn, static = func.dynamic_mix(), func.static_mix()
+    waves = rec["waves"]
     tail = math.ceil(waves) / waves if 0 < waves < float("inf") else 1.0
-    sens = max(b["issue_us"], b["dram_us"], b["fma_us"], b["tensor_us"] / MMA_SYNC_FRACTION)
-    static = func.static_mix()
+    sens = max(rec["issue_us"], rec["dram_us"], rec["fma_us"], rec["tensor_us"] / MMA_SYNC_FRACTION)
+    tab = l.args.get("tab_ptr")
     rec.update({
-        "what": what, "registers": comp.resources.registers, "spill_bytes": comp.resources.spill_bytes,
-        "smem_bytes": comp.dynamic_smem + comp.resources.static_smem, "blocks_per_sm": occ.blocks_per_sm,
-        "occupancy": occ.occupancy, "occupancy_factor": occ.factor, "occupancy_limiter": occ.limiter,
-        "loop_trips": trips, "loops_matched": matched, "loops": [lp.as_dict() for lp in func.loops],
+        "loop_trips": _trips(func.loops),
         "sass_static": {k: v for k, v in static.items() if v and "." not in k},
         "hmma_static": static.get("HMMA", 0), "hgmma_static": static.get("HGMMA", 0),
-        "mix_per_warp": {k: v for k, v in dyn.items() if v and "." not in k},
         "instr_per_hmma": dyn["total"] / dyn["HMMA"] if dyn.get("HMMA") else None,
-        "useful_conv_fma": fma, "mma_flops_executed": mma, "dram_bytes": moved, "l2_extra_bytes": l2,
-        "toeplitz_table_bytes": table, "tail_factor": tail, **b,
+        "useful_conv_fma": plan.useful_macs, "mma_flops_executed": plan.mma_flops,
+        "toeplitz_table_bytes": tab.nbytes if tab is not None else 0, "tail_factor": tail,
         "predicted_if_mma_sync_at_2_3_us": sens})
     return rec
 
@@ -244,16 +163,18 @@ def main(argv=None) -> int:
                            "what": "tensor-core depthwise conv (ops/triton/depthwise_tc.py): forward with statistics, "
                                    "da, dx, dw"},
               "assumptions": [
-                  "kernel loop trips set here by nesting level: conv (tap rows reached per row tile, window chunks), "
-                  "weight gradient (window chunks x W-tiles, row steps per split)",
+                  "kernel loop trips, MMA FLOPs, DRAM and L2 bytes from static/trips.py's plans (the same as inspect): "
+                  "conv (tap rows reached per row tile, window chunks per W-tile), weight gradient (W-tiles when "
+                  "not specialized away, window chunks, BR-row steps per split)",
                   "tensor-bound: the MMA FLOPs executed (the Toeplitz band's zeros included) / 788 TFLOP/s x tail; "
                   "the kernels issue mma.sync (HMMA); 'predicted_if_mma_sync_at_2_3_us' assumes HMMA reaches 2/3 of "
                   "the wgmma rate (an assumption, not measured)",
-                  "DRAM: each tensor once, plus the Toeplitz table read once; the table itself is built by torch "
-                  "ops on the host side of the launch (its write is listed as toeplitz_table_bytes, not in the "
-                  "kernel's time)",
-                  "L2 re-reads (the input tile once per tap row, da and x once per tap row in dw) are not in the "
-                  "model (l2_extra_bytes): at k = 31 they are the main risk of these predictions",
+                  "DRAM: each tensor once (x, dy, a, da distinct), plus the Toeplitz table read once; the table itself "
+                  "is built by torch ops on the host side of the launch (its write is listed as "
+                  "toeplitz_table_bytes, not in the kernel's time)",
+                  "L2 re-reads (the input tile once per tap row and chunk, the table once per tile; da and x once "
+                  "per tap row in dw, and dw's scratch slot written and read back per chunk) are not in the model "
+                  "(l2_extra_bytes): at k = 31 they are the main risk of these predictions",
               ],
               "cuda_core_reference": ref, "runs": []}
     cache: dict = {}
@@ -272,7 +193,7 @@ def main(argv=None) -> int:
             old = TC.conv_config
             TC.conv_config = lambda x, k, cfg=cfg: cfg
             try:
-                recs = [record(l, cache) for l in capture(31) if l.phase == "forward conv_stats"]
+                recs = [record(l, cache) for l in capture(31) if l.phase == "dw_block forward conv_stats"]
             finally:
                 TC.conv_config = old
             r = recs[0]
