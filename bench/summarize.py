@@ -269,7 +269,7 @@ def static_table(paths: List[str]) -> str:
                        f"{f'{ev:.1f}' if ev else '-'} |")
         st, mem, sk = data.get("step") or {}, data.get("memory") or {}, data.get("stack") or {}
         if sk:
-            lo = sk["low_memory"]
+            lo = sk["lowest_memory"]
             stacks.append(f"| {name} (batch {w['batch']}) | {sk['predicted_ms']:.1f} ms | {sk['floor_ms']:.1f} ms | "
                           f"{sk['images_per_s_predicted']:,.0f} | {sk['speedup_vs_per_block_fusion']:.2f}x | "
                           f"{sk['passes_per_layer']:.1f} = {sk['dram_vs_eager']:.2f}x | "
@@ -286,11 +286,11 @@ def static_table(paths: List[str]) -> str:
                 "| saved for backward vs eager (target ≤ 0.5x) | file |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         out += heads
     if stacks:
-        out += ["", "The fused layer stack (`FusedSequential`, the default of `fused=True`; design.md §3.3), one interior "
+        out += ["", "The fused layer stack (`FusedSequential` with `memory=\"low\"`; design.md §3.3), one interior "
                 "layer x depth:", "",
                 "| training step (layers only) | predicted | floor | img/s predicted | vs per-block fusion (speed) "
                 "| DRAM passes per layer = vs eager (target ≤ 0.45x) | saved tensors per layer = vs eager (target ≤ 0.5x) "
-                "| `memory=\"low\"` (target ≤ 0.3x) | eval kernels per layer (target 2) |",
+                "| `memory=\"lowest\"` (target ≤ 0.3x) | eval kernels per layer (target 2) |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         out += stacks
     out += kernel_table(paths) + sweep_table(paths)

@@ -31,8 +31,7 @@ from torch.nn.utils import parametrize
 from .backends import validate_backend_name
 from .modules import (FusedConvMixerLayer, FusedDepthwiseBlock, FusedPointwiseBlock, depthwise_problem,
                       pointwise_problem)
-from .ops.layer_stack import MEMORY_MODES
-from .stack import FusedSequential, stackable
+from .stack import MEMORY_MODES, FusedSequential, stackable
 
 log = logging.getLogger("convmixer_kernels")
 
@@ -236,10 +235,10 @@ def fuse_convmixer(model: nn.Module, backend: str = "auto", *, stack: bool = Tru
     parametrizations, are left as they are with a logged reason.
 
     ``stack=True`` (the default) also makes every plain ``nn.Sequential`` that holds fused layers
-    (the official model itself, timm's ``blocks``) a ``FusedSequential``: its consecutive layers
-    train as one fused stack, BatchNorm's apply folded into the next op (design.md 3.3), with the
-    same children and state_dict keys. ``memory="low"`` makes those stacks keep only one
-    activation per layer for the backward. ``stack=False`` fuses block by block only.
+    (the official model itself, timm's ``blocks``) a ``FusedSequential`` with the same children and
+    state_dict keys, whose ``memory`` (``"normal"``, ``"low"``, ``"lowest"``) decides whether its
+    consecutive layers train block by block (the fastest) or as one fused stack that keeps two or one
+    activations per layer for the backward (design.md 3.3). ``stack=False`` leaves the containers alone.
     """
     validate_backend_name(backend)
     if memory not in MEMORY_MODES:

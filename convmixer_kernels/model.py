@@ -14,10 +14,10 @@ def ConvMixer(dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7, n
     """ConvMixer-``dim``/``depth`` as one ``nn.Sequential`` with the official state_dict keys.
 
     ``activation`` is "gelu", "gelu_tanh" or "relu" (used everywhere, stem included).
-    ``fused=True`` swaps in the fused layers and makes the model a ``FusedSequential``, whose layers
-    train as one fused stack (BatchNorm's apply folded into the next op); the keys, the
-    initialization (same random draws) and the function computed stay the same. ``memory="low"``
-    keeps one activation per layer for the backward instead of two (the depthwise conv is recomputed).
+    ``fused=True`` swaps in the fused layers and makes the model a ``FusedSequential``; the keys, the
+    initialization (same random draws) and the function computed stay the same. ``memory`` is what a
+    training step keeps for the backward: "normal" (block by block, the fastest), "low" (the layers as
+    one fused stack keeping a and p per layer) or "lowest" (p only; the depthwise conv recomputed).
     """
     model = nn.Sequential(
         nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),

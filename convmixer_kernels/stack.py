@@ -4,11 +4,20 @@ fused layer stack (``ops/layer_stack.py``), each BatchNorm's apply folded into t
 The BatchNorm apply crosses layer boundaries, so this is a container-level path: ``FusedSequential`` is an
 ``nn.Sequential`` holding the same children under the same names (``state_dict`` keys unchanged: the
 official model's ``3.0.fn.0.weight``, timm's ``blocks.0.0.fn.0.weight``); only its ``forward`` differs.
-A run of ``FusedConvMixerLayer`` children whose depthwise block is fused runs as a stack when every
-BatchNorm in it normalizes with batch statistics (training) and a fused backend takes the call;
-otherwise — eval (two kernels per layer there already), hooks, a structure that no longer fits, the
-torch backend — the layers run one by one, each as its own fused (or reference) module, and the
-reason is logged (a warning once for a structural reason, debug otherwise).
+``memory`` decides what a training step keeps for the backward:
+
+* ``"normal"`` (the default): the layers run one by one, each block fused (the fastest by the static
+  model: a layer keeps x, a, r, p — 4 activations against eager's 6);
+* ``"low"``: a run of ``FusedConvMixerLayer`` children runs as one fused stack that keeps only a and p per
+  layer (about 0.4x eager's saved bytes), for ~7% more predicted time: its backward re-materializes z and r
+  (``ops/layer_stack.py``, ``fold_plan``: folding them into the kernels' prologues costs more, because the
+  activation is recomputed for every re-read);
+* ``"lowest"``: the stack keeps only p and also recomputes the depthwise conv (about 0.2x, ~16% more time).
+
+The stack runs when every BatchNorm in the run normalizes with batch statistics (training) and a fused
+backend takes the call; otherwise — eval (two kernels per layer there already), hooks, a structure that
+no longer fits, the torch backend — the layers run one by one, each as its own fused (or reference)
+module, and the reason is logged (a warning once for a structural reason, debug otherwise).
 """
 from __future__ import annotations
 
@@ -25,7 +34,9 @@ from .modules import (FusedConvMixerLayer, FusedDepthwiseBlock, depthwise_proble
 from .ops.activation import activation_name
 from .ops.batchnorm import deferred_batchnorm_call
 from .ops.dispatch import compute_dtype, reference_only_reason
-from .ops.layer_stack import MEMORY_MODES, OP, StackLayer, layer_stack_fused
+from .ops.layer_stack import MEMORY_MODES as STACK_MEMORY_MODES, OP, StackLayer, layer_stack_fused
+
+MEMORY_MODES = ("normal",) + STACK_MEMORY_MODES
 
 log = logging.getLogger("convmixer_kernels")
 
@@ -53,9 +64,8 @@ def _structure_problem(layer: nn.Module) -> Optional[str]:
 class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` whose consecutive fused ConvMixer layers run as one fused layer stack.
 
-    ``backend`` ("auto", "torch", "triton", "cuda") and ``memory`` ("normal": a layer keeps a and p for
-    the backward; "low": only p, the depthwise conv recomputed in the backward) are plain attributes,
-    not state. ``last_backend`` says what ran the latest run of layers and ``last_stacked`` whether it ran
+    ``backend`` ("auto", "torch", "triton", "cuda") and ``memory`` ("normal", "low", "lowest"; see the
+    module docstring) are plain attributes, not state, and may be changed at any time. ``last_backend`` says what ran the latest run of layers and ``last_stacked`` whether it ran
     as one stack (False: its layers ran one by one, each on its own backend).
     """
 
@@ -151,8 +161,9 @@ class FusedSequential(nn.Sequential):
         return (None, "the torch backend") if name == "torch" else (name, "")
 
     def _run_layers(self, layers: List[nn.Module], x: torch.Tensor) -> torch.Tensor:
-        plan, why = self._plan(layers, x)
-        name = None
+        plan, why, name = None, "memory='normal'", None
+        if self.memory != "normal":
+            plan, why = self._plan(layers, x)
         if plan is not None:
             specs, counts = plan
             cdtype = compute_dtype(x)

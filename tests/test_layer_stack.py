@@ -55,7 +55,7 @@ def _model(dim=6, depth=3, k=3, activation="gelu", patch=1, n_classes=5, bn_kwar
     return randomize_(model, seed=0)
 
 
-def _fuse(backend: str, memory: str = "normal"):
+def _fuse(backend: str, memory: str = "low"):
     def make(m):
         if backend == "torch-algebra":
             m = fuse_convmixer(m, "torch", stack=False)
@@ -64,7 +64,7 @@ def _fuse(backend: str, memory: str = "normal"):
     return make
 
 
-def _check(backend, *, dtype=torch.float32, shape=(4, 3, 6, 6), layout="nchw", memory="normal", steps=2,
+def _check(backend, *, dtype=torch.float32, shape=(4, 3, 6, 6), layout="nchw", memory="low", steps=2,
            autocast=None, **model_kwargs):
     ref = _model(**model_kwargs)
     fused = _fuse(backend, memory)(copy.deepcopy(ref)).to(DEVICE, dtype)
@@ -100,7 +100,7 @@ def test_stack_dtypes_and_layouts(backend, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", _stack_backends())
-@pytest.mark.parametrize("memory", ["normal", "low"])
+@pytest.mark.parametrize("memory", ["low", "lowest"])
 def test_stack_even_kernel_odd_map_and_memory_modes(backend, memory):
     # k = 4 pads more at the bottom/right; a 5x7 map puts padding on every border of every layer
     _check(backend, k=4, shape=(2, 3, 5, 7), memory=memory)
@@ -132,25 +132,34 @@ def test_state_dict_keys_and_strict_loads_both_ways():
     assert torch.equal(back.eval()(x), ref.eval()(x))
 
 
-def test_convmixer_fused_uses_the_stack_by_default():
-    model = ConvMixer(6, 3, 3, 1, 5, fused=True, backend="torch")
-    assert isinstance(model, FusedSequential) and model.memory == "normal"
-    low = ConvMixer(6, 3, 3, 1, 5, fused=True, memory="low")
-    assert low.memory == "low"
+def test_convmixer_fused_memory_modes():
+    """fused=True gives a FusedSequential; memory="normal" (the default, the fastest by the static model)
+    trains block by block, "low" / "lowest" as one stack."""
+    model = TorchAlgebra.from_module(ConvMixer(6, 3, 3, 1, 5, fused=True, backend="torch"), "torch")
+    assert isinstance(ConvMixer(6, 3, 3, 1, 5, fused=True), FusedSequential)
+    assert ConvMixer(6, 3, 3, 1, 5, fused=True).memory == "normal"
+    x = torch.randn(2, 3, 5, 5)
+    model(x)
+    assert not model.last_stacked
+    for memory in ("low", "lowest"):
+        model.memory = memory
+        model(x)
+        assert model.last_stacked
+    assert ConvMixer(6, 3, 3, 1, 5, fused=True, memory="lowest").memory == "lowest"
     with pytest.raises(ValueError, match="memory"):
         ConvMixer(6, 3, 3, 1, 5, fused=True, memory="tiny")
 
 
 def test_torch_backend_runs_the_layers_one_by_one_and_says_so(caplog):
-    model = ConvMixer(6, 3, 3, 1, 5, fused=True, backend="torch")
+    model = ConvMixer(6, 3, 3, 1, 5, fused=True, backend="torch", memory="low")
     with caplog.at_level(logging.DEBUG, logger="convmixer_kernels"):
         model(torch.randn(2, 3, 5, 5))
     assert not model.last_stacked
-    assert "one by one" in caplog.text
+    assert "one by one (the torch backend)" in caplog.text
 
 
 def test_eval_runs_the_layers_one_by_one():
-    model = TorchAlgebra.from_module(fuse_convmixer(_model(), "torch", stack=False), "torch")
+    model = TorchAlgebra.from_module(fuse_convmixer(_model(), "torch", stack=False), "torch", "low")
     model.eval()
     model(torch.randn(2, 3, 5, 5))
     assert not model.last_stacked
@@ -160,7 +169,7 @@ def test_eval_runs_the_layers_one_by_one():
 
 
 def test_a_layer_with_a_hook_breaks_the_stack_and_the_hook_runs():
-    model = TorchAlgebra.from_module(fuse_convmixer(_model(), "torch", stack=False), "torch")
+    model = TorchAlgebra.from_module(fuse_convmixer(_model(), "torch", stack=False), "torch", "low")
     seen = []
     model[4].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model(torch.randn(2, 3, 5, 5))
@@ -168,7 +177,7 @@ def test_a_layer_with_a_hook_breaks_the_stack_and_the_hook_runs():
 
 
 def test_num_batches_tracked_counts_once_per_step():
-    model = TorchAlgebra.from_module(fuse_convmixer(_model(), "torch", stack=False), "torch")
+    model = TorchAlgebra.from_module(fuse_convmixer(_model(), "torch", stack=False), "torch", "low")
     ref = _model()
     for m in (model, ref):
         m(torch.randn(2, 3, 5, 5))
@@ -192,7 +201,7 @@ def _saved_bytes(model, x):
     return sum(sizes.values()), out
 
 
-@pytest.mark.parametrize("memory, most_activations_per_layer", [("normal", 2.5), ("low", 1.5)])
+@pytest.mark.parametrize("memory, most_activations_per_layer", [("low", 2.5), ("lowest", 1.5)])
 def test_saved_bytes_per_layer(memory, most_activations_per_layer):
     depth = 4
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
@@ -260,7 +269,7 @@ def test_timm_style_model_trains_as_a_stack_and_converts_back():
     fused = fuse_convmixer(copy.deepcopy(ref), "torch")
     assert isinstance(fused.blocks, FusedSequential)
     assert list(fused.state_dict()) == list(ref.state_dict())
-    fused.blocks = TorchAlgebra.from_module(fused.blocks, "torch")
+    fused.blocks = TorchAlgebra.from_module(fused.blocks, "torch", "low")
     x = torch.randn(4, 3, 6, 6)
     out, expect = fused(x), ref(x)
     assert fused.blocks.last_stacked

@@ -20,7 +20,7 @@ Backward, layer by layer from the top, with G the gradient with respect to z_l:
 No batch-statistics term is lost: each BatchNorm's backward runs with its own batch's sums, exactly
 as the blocks' ops do, with the same launchers (``depthwise_block.py``, ``pointwise_block.py``).
 
-``memory="low"`` stores only p_l and the input; the backward recomputes a_l = dwconv(z_{l-1}) + b (the
+``memory="lowest"`` stores only p_l and the input; the backward recomputes a_l = dwconv(z_{l-1}) + b (the
 cheap depthwise conv, about 5% of the layer's FLOPs) just before it needs it.
 
 Backends: "triton" (both halves Triton), "cuda" (the CUDA extension's depthwise kernels, the Triton
@@ -46,7 +46,7 @@ from .dispatch import common_unsupported, on_device, refuse_double_backward
 from .prologue import Affine, Operand
 
 OP = "layer_stack"
-MEMORY_MODES = ("normal", "low")
+MEMORY_MODES = ("low", "lowest")  # low: a_l and p_l per layer; lowest: p_l only
 _PER_LAYER = 8  # dw weight, dw bias, bn1 weight, bn1 bias, pw weight, pw bias, bn2 weight, bn2 bias
 
 
@@ -214,15 +214,15 @@ def _fwd_op(x: Tensor, params: List[Tensor], eps1: List[float], eps2: List[float
             pw_act: List[int], pad_top: List[int], pad_left: List[int], folds: List[bool], store: bool, memory: str,
             backend: str, sync_group: str) -> Tuple[Tensor, List[Tensor], Tensor]:
     """-> (z, saved, stats): z the last layer's output in x's layout; saved = [a_0, p_0, a_1, p_1, ...]
-    (``memory="low"``: [p_0, p_1, ...]; empty unless ``store``); stats [L, 2, 6, C] the finalized batch
+    (``memory="lowest"``: [p_0, p_1, ...]; empty unless ``store``); stats [L, 2, 6, C] the finalized batch
     statistics of each layer's two BatchNorms. Reads, never writes, the running buffers."""
     kd, kp = kernel_pair(backend)
     cfg = _Config(eps1, eps2, dw_act, pw_act, list(zip(pad_top, pad_left)), sync_group, Folds(*folds))
     with on_device(x):
-        z, a_list, p_list, stats = _stack_forward(kd, kp, _input(x), params, cfg, keep_a=memory == "normal")
+        z, a_list, p_list, stats = _stack_forward(kd, kp, _input(x), params, cfg, keep_a=memory == "low")
     if not store:
         return z, [], stats
-    saved = [t for pair in zip(a_list, p_list) for t in pair] if memory == "normal" else p_list
+    saved = [t for pair in zip(a_list, p_list) for t in pair] if memory == "low" else p_list
     return z, saved, stats
 
 
@@ -234,7 +234,7 @@ def _(x, params, eps1, eps2, dw_act, pw_act, pad_top, pad_left, folds, store, me
     saved = []
     if store:
         for l in range(L):
-            if memory == "normal":
+            if memory == "low":
                 src = x if l == 0 else _rows_as_activation(x.new_empty((N * H * W, C)), N, H, W)
                 saved.append(empty_output(src))
             saved.append(x.new_empty((N * H * W, C)))
@@ -248,7 +248,7 @@ def _layer_backward(kd, kp, G: Tensor, inp: _Input, a: Optional[Tensor], p: Tens
     dw_act, pw_act = cfg.dw_act[l], cfg.pw_act[l]
     grads: List[Tensor] = [p.new_empty(0)] * _PER_LAYER
     z, z_affine = inp.source(kp, cfg.folds.wgrad_input and cfg.folds.gemm_operand)
-    if a is None:  # memory="low": the depthwise conv again, on the same input as the forward's
+    if a is None:  # memory="lowest": the depthwise conv again, on the same input as the forward's
         a, _ = kd.conv_stats(z, w_dw, b_dw, dw_act, cfg.pads[l], prologue=z_affine)
     # pointwise half: G is the gradient with respect to z_l = act(p_l) s2 + t2
     sums2 = kp.grad_sums(G, p, fin2, pw_act)
@@ -281,7 +281,7 @@ def _bwd_op(dz: Tensor, x: Tensor, saved: List[Tensor], stats: Tensor, params: L
     cfg = _Config([0.0] * L, [0.0] * L, dw_act, pw_act, list(zip(pad_top, pad_left)), sync_group, Folds(*folds))
     x = _input(x)
     N, _, H, W = x.shape
-    per = 2 if memory == "normal" else 1
+    per = 2 if memory == "low" else 1
     p_of = lambda l: saved[per * l + per - 1]  # noqa: E731
     grads: List[Tensor] = []
     with on_device(x):
@@ -289,7 +289,7 @@ def _bwd_op(dz: Tensor, x: Tensor, saved: List[Tensor], stats: Tensor, params: L
         for l in reversed(range(L)):
             inp = _Input(x) if l == 0 else _Input(_rows_as_activation(p_of(l - 1), N, H, W),
                                                   Affine(stats[l - 1, 1], pw_act[l - 1]), p_of(l - 1))
-            a = saved[2 * l] if memory == "normal" else None
+            a = saved[2 * l] if memory == "low" else None
             G, layer_grads = _layer_backward(kd, kp, G, inp, a, p_of(l), stats[l, 0], stats[l, 1],
                                              _layer_params(params, l), cfg, l, l > 0 or need_dx)
             grads = layer_grads + grads
@@ -368,7 +368,7 @@ def _flat_params(layers: Sequence[StackLayer], x: Tensor) -> List[Tensor]:
     return out
 
 
-def layer_stack_fused(x: Tensor, layers: Sequence[StackLayer], *, backend: str, memory: str = "normal",
+def layer_stack_fused(x: Tensor, layers: Sequence[StackLayer], *, backend: str, memory: str = "low",
                       sync_group: Optional[str] = None) -> Tensor:
     """Run ``layers`` (every BatchNorm with batch statistics) as one fused stack on ``backend``; the running
     buffers are updated in place, once per BatchNorm, as the reference does."""
@@ -396,7 +396,7 @@ def layer_stack_fused(x: Tensor, layers: Sequence[StackLayer], *, backend: str, 
     return z
 
 
-def layer_stack_reference(x: Tensor, layers: Sequence[StackLayer], *, memory: str = "normal",
+def layer_stack_reference(x: Tensor, layers: Sequence[StackLayer], *, memory: str = "low",
                           sync_group: Optional[str] = None) -> Tensor:
     """The unfused composition of the layers, op for op as the reference modules run them."""
     from .depthwise_block import depthwise_block_reference

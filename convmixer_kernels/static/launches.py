@@ -184,7 +184,7 @@ PHASES = {
     "dw_block": ("forward (training)", "forward (eval)", "backward"),
     "pw_block": ("forward (training)", "forward (eval)", "backward"),
     # one interior layer of the fused layer stack (ops/layer_stack.py): BatchNorm applies folded into prologues
-    "layer_stack": ("forward (training)", "backward", "backward (memory=low)"),
+    "layer_stack": ("forward (training)", "backward", "backward (memory=lowest)"),
 }
 
 
@@ -261,14 +261,14 @@ def _capture_stack_layer(s: Shape, phases, all_configs: bool) -> List[Launch]:
             if phase == "forward (training)":
                 ls._layer_forward(dw, pw, inp, lp, cfg, 0, True)
             else:
-                a = None if phase == "backward (memory=low)" else torch.empty_like(inp.view)
+                a = None if phase == "backward (memory=lowest)" else torch.empty_like(inp.view)
                 G = torch.empty_like(inp.view)
                 p = torch.empty(M, C, dtype=s.dtype, **meta)
                 ls._layer_backward(dw, pw, G, inp, a, p, f32(6, C), f32(6, C), lp, cfg, 0, True)
     return rec.launches
 
 
-def stack_saved(s: Shape, memory: str = "normal", depth: int = 3) -> Tuple[int, int]:
+def stack_saved(s: Shape, memory: str = "low", depth: int = 3) -> Tuple[int, int]:
     """(bytes, tensors) per layer that a ``depth``-layer fused stack keeps for its backward at ``s`` (meta tensors,
     nothing launched: the op's fake runs), the stack's input included once and spread over the layers."""
     from .traffic import saved_bytes

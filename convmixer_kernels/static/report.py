@@ -23,7 +23,7 @@ BUDGETS = {("dw_block", "forward (training)"): 5, ("dw_block", "forward (eval)")
            # one interior layer of the fused stack (design.md 3.3, section 4's whole-layer column); the
            # low-memory backward adds the depthwise conv's recompute (read p, write a)
            ("layer_stack", "forward (training)"): 5, ("layer_stack", "backward"): 13,
-           ("layer_stack", "backward (memory=low)"): 15}
+           ("layer_stack", "backward (memory=lowest)"): 15}
 EAGER_BUDGETS = {("dw_block", "forward (training)"): 10, ("dw_block", "forward (eval)"): 7,
                  ("dw_block", "backward"): 15, ("pw_block", "forward (training)"): 7, ("pw_block", "backward"): 12,
                  ("layer_stack", "forward (training)"): 17, ("layer_stack", "backward"): 27}
@@ -249,15 +249,15 @@ def stack_summary(w: Workload, shape: launches.Shape, blocks: List[dict], kernel
     eval layer launches."""
     get = lambda phase: next((b for b in blocks if b["block"] == "layer_stack" and b["phase"] == phase  # noqa: E731
                               and b.get("backend", "triton") == "triton"), None)
-    both, low, fwd = get("forward+backward (training)"), get("backward (memory=low)"), get("forward (training)")
+    both, low, fwd = get("forward+backward (training)"), get("backward (memory=lowest)"), get("forward (training)")
     if both is None:
         return {}
     per_layer = both["predicted_us"]
-    saved = {mode: launches.stack_saved(shape, mode)[0] for mode in ("normal", "low")}
+    saved = {mode: launches.stack_saved(shape, mode)[0] for mode in ("low", "lowest")}
     eval_kernels = sum(1 for k in kernels if k["phase"] == "forward (eval)" and not k["candidate"]
                        and k["block"] in ("dw_block", "pw_block"))
     low_layer = fwd["predicted_us"] + low["predicted_us"] if (fwd and low) else None
-    return {"what": "depth x one interior layer of the fused stack (forward training + backward); the stack's final "
+    return {"what": "memory='low': depth x one interior layer of the fused stack (forward training + backward); the stack's final "
                     "apply, stem, head and optimizer excluded",
             "per_layer_predicted_us": per_layer, "per_layer_floor_us": both["floor_us"],
             "predicted_ms": w.depth * per_layer / 1e3, "floor_ms": w.depth * both["floor_us"] / 1e3,
@@ -265,10 +265,10 @@ def stack_summary(w: Workload, shape: launches.Shape, blocks: List[dict], kernel
             "speedup_vs_per_block_fusion": per_block_step["per_layer_predicted_us"] / per_layer if per_layer else None,
             "dram_bytes_per_layer": both["dram_bytes"], "passes_per_layer": both["passes"],
             "dram_vs_eager": both["dram_bytes"] / eager_bytes if eager_bytes else None, "target_dram_vs_eager": 0.45,
-            "saved_per_layer_bytes": saved["normal"], "saved_per_layer_units": saved["normal"] / shape.unit_bytes,
-            "saved_vs_eager": saved["normal"] / eager_saved if eager_saved else None, "target_saved_vs_eager": 0.5,
-            "low_memory": {"saved_per_layer_bytes": saved["low"], "saved_per_layer_units": saved["low"] / shape.unit_bytes,
-                           "saved_vs_eager": saved["low"] / eager_saved if eager_saved else None,
+            "saved_per_layer_bytes": saved["low"], "saved_per_layer_units": saved["low"] / shape.unit_bytes,
+            "saved_vs_eager": saved["low"] / eager_saved if eager_saved else None, "target_saved_vs_eager": 0.5,
+            "lowest_memory": {"saved_per_layer_bytes": saved["lowest"], "saved_per_layer_units": saved["lowest"] / shape.unit_bytes,
+                           "saved_vs_eager": saved["lowest"] / eager_saved if eager_saved else None,
                            "target_saved_vs_eager": 0.3, "per_layer_predicted_us": low_layer,
                            "cost_vs_normal": low_layer / per_layer if (low_layer and per_layer) else None},
             "inference_kernels_per_layer": eval_kernels, "target_inference_kernels_per_layer": 2}
@@ -421,12 +421,12 @@ def format_report(r: dict) -> str:
                   f" = {s['dram_vs_eager']:.2f}x eager counted (target <= 0.45x)"]
     st = r.get("stack") or {}
     if st:
-        lo = st["low_memory"]
+        lo = st["lowest_memory"]
         lines += [f"fused layer stack ({st['what']}): predicted {st['predicted_ms']:.2f} ms, floor {st['floor_ms']:.2f} ms, "
                   f"{st['images_per_s_predicted']:.0f} img/s predicted ({st['speedup_vs_per_block_fusion']:.2f}x per-block "
                   f"fusion); DRAM per layer {st['passes_per_layer']:.1f} passes = {st['dram_vs_eager']:.2f}x eager "
                   f"(target <= 0.45x); saved per layer {st['saved_per_layer_units']:.2f} tensors = "
-                  f"{st['saved_vs_eager']:.2f}x eager (target <= 0.5x); memory='low': {lo['saved_per_layer_units']:.2f} "
+                  f"{st['saved_vs_eager']:.2f}x eager (target <= 0.5x); memory='lowest': {lo['saved_per_layer_units']:.2f} "
                   f"tensors = {lo['saved_vs_eager']:.2f}x (target <= 0.3x) for {lo['cost_vs_normal']:.2f}x the time; "
                   f"eval: {st['inference_kernels_per_layer']} kernels per layer"]
     m = r.get("memory") or {}
