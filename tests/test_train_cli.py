@@ -166,3 +166,13 @@ def test_resume_on_other_data_replaces_the_saved_data_source(tmp_path, capsys):
     # the checkpoint says synthetic 3-channel 8x8; --no-synthetic means the digits (1 channel): a clear misfit
     _one_line_error(capsys, ["train", "--no-synthetic", "--dim", "16", "--depth", "1", "--kernel-size", "3",
                              "--steps", "2", "--resume", str(tmp_path / "syn.pt")], expect="does not fit")
+
+
+def test_train_memory_low_trains_the_fused_stack(capsys):
+    """--memory low builds the stack (FusedSequential memory='low'); on this machine's torch backend its layers
+    run one by one, so the run completes with the same loss machinery."""
+    from convmixer_kernels.commands.train import build_model
+
+    cfg = dict(dim=8, depth=2, kernel_size=3, patch_size=2, n_classes=10, in_chans=3, activation="gelu")
+    assert build_model(cfg, True, "torch", "cpu", False, "low").memory == "low"
+    assert main(["train", *SYN, "--no-progress", "--steps", "2", "--memory", "low"]) == 0

@@ -88,6 +88,9 @@ def add_arguments(parser) -> None:
                    help="run the fused blocks (default) or the plain reference model (--no-fused)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
                    help="backend of the fused blocks (default auto: the best one that runs here)")
+    g.add_argument("--memory", default="normal", choices=["normal", "low", "lowest"],
+                   help="what a fused training step keeps for the backward: normal (block by block, the fastest), "
+                        "low (the layers as one fused stack, two activations per layer), lowest (one)")
     g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="a published configuration: cifar10 = ConvMixer-256/8 k5 p2, AdamW, one-cycle, batch 512, "
                         "25 epochs, crop+flip (needs --data with CIFAR-10, or --synthetic)")
@@ -313,11 +316,12 @@ def evaluate(model, split, batch_size: int, device, amp: bool, channels_last: bo
     return 100.0 * float(sums[0]) / float(total), float(sums[1]) / float(total)
 
 
-def build_model(cfg: dict, fused: bool, backend: str, device, channels_last: bool):
+def build_model(cfg: dict, fused: bool, backend: str, device, channels_last: bool, memory: str = "normal"):
     from .. import ConvMixer
 
     model = ConvMixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], n_classes=cfg["n_classes"],
-                      in_chans=cfg["in_chans"], activation=cfg["activation"], fused=fused, backend=backend)
+                      in_chans=cfg["in_chans"], activation=cfg["activation"], fused=fused, backend=backend,
+                      memory=memory if fused else "normal")
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -671,7 +675,7 @@ def _run(args, dist_info: Dist) -> int:
         return _compare(args, cfg, t, train, test, device, total)
 
     torch.manual_seed(t["seed"])
-    model = build_model(cfg, args.fused, args.backend, device, t["channels_last"])
+    model = build_model(cfg, args.fused, args.backend, device, t["channels_last"], args.memory)
     start = 0
     opt_state = None
     if ckpt is not None:
@@ -741,7 +745,7 @@ def _compare(args, cfg, t, train, test, device, total: int) -> int:
     models, opts, hists = {}, {}, {}
     for fused in (True, False):
         torch.manual_seed(t["seed"])  # the same initial weights: ConvMixer(fused=True) draws exactly as the reference
-        models[fused] = build_model(cfg, fused, args.backend, device, t["channels_last"])
+        models[fused] = build_model(cfg, fused, args.backend, device, t["channels_last"], args.memory)
         opts[fused] = torch.optim.AdamW(models[fused].parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
         hists[fused] = History()
         models[fused].train()
