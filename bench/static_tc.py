@@ -114,6 +114,10 @@ def cuda_core_reference():
     for row in sweep["sweep"]:
         if row["kernel_size"] == 31:
             rows[31] = (row["kernels"], row["blocks"], sweep["meta"]["commit"])
+    try:  # the previous run's reference: used where the committed files no longer hold the CUDA-core kernels
+        previous = json.load(open(OUT)).get("cuda_core_reference", {})
+    except (OSError, ValueError):
+        previous = {}
     for k, (kernels, blocks, commit) in rows.items():
         ks = [x for x in kernels if x.get("block", "dw_block") == "dw_block" and not x.get("candidate")]
         pick = lambda name, phase: next((x["predicted_us"] for x in ks if x["kernel"] == name  # noqa: E731
@@ -124,6 +128,11 @@ def cuda_core_reference():
                   "weight_grad_us": pick("_weight_grad_kernel", "backward"),
                   "blocks": {b["phase"]: b["predicted_us"] for b in blocks
                              if b["block"] == "dw_block" and b.get("backend", "triton") == "triton"}}
+        old = previous.get(str(k)) or previous.get(k)
+        if out[k]["conv_forward_training_us"] is None and old and old.get("conv_forward_training_us") is not None:
+            # the committed file was regenerated with the tensor-core path in the Triton backend (no CUDA-core conv
+            # kernels in it): keep the CUDA-core figures this file already carried, with their source commit
+            out[k] = dict(old, carried_from="the previous " + os.path.basename(OUT))
     return out
 
 
@@ -188,8 +197,9 @@ def main(argv=None) -> int:
         from convmixer_kernels.ops.triton import depthwise_tc as TC
 
         alts = []
-        for cfg in (TC.TCConfig(8, 32, 32, 32, 4), TC.TCConfig(8, 64, 32, 32, 8), TC.TCConfig(4, 128, 32, 32, 8),
-                    TC.TCConfig(8, 128, 32, 32, 8), TC.TCConfig(16, 64, 32, 32, 8), TC.TCConfig(4, 64, 32, 32, 4)):
+        for cfg in (TC.TCConfig(8, 32, 32, 32, 8), TC.TCConfig(8, 32, 32, 32, 4), TC.TCConfig(8, 64, 32, 32, 8),
+                    TC.TCConfig(4, 64, 32, 32, 8), TC.TCConfig(16, 32, 32, 32, 8), TC.TCConfig(16, 16, 32, 32, 8),
+                    TC.TCConfig(8, 16, 32, 32, 4), TC.TCConfig(4, 32, 32, 32, 4), TC.TCConfig(16, 64, 32, 32, 8)):
             old = TC.conv_config
             TC.conv_config = lambda x, k, cfg=cfg: cfg
             try:

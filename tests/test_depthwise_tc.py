@@ -27,9 +27,11 @@ from harness import DEVICE, backends_under_test, check_block
 pytestmark = pytest.mark.skipif("triton" not in backends_under_test(D.OP),
                                 reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET)")
 
-# (shape, k): odd and even k, partial row blocks and W-tiles, and k = 13 larger than a 6x6 map
-CASES = [((2, 3, 9, 11), 7), ((2, 3, 9, 11), 8), ((1, 3, 7, 18), 9), ((1, 2, 6, 6), 13)]
-IDS = ["k7", "k8", "k9-two-w-tiles", "k13-over-6x6"]
+# (shape, k): odd and even k, partial row blocks and W-tiles, k = 13 larger than a 6x6 map, and a shape whose
+# tiles are all full (the kernels' EVEN specialization: no channel/row/column masks, at the interpreter's
+# 2 channels x 16 rows x 16 columns; the weight gradient's 16-row steps inside one image)
+CASES = [((2, 3, 9, 11), 7), ((2, 3, 9, 11), 8), ((1, 3, 7, 18), 9), ((1, 2, 6, 6), 13), ((2, 4, 16, 16), 9)]
+IDS = ["k7", "k8", "k9-two-w-tiles", "k13-over-6x6", "k9-even-tiles"]
 LAYOUTS = ["nchw", "channels_last"]
 
 
@@ -128,6 +130,18 @@ def test_input_and_weight_grads(shape, k, layout, dtype):
     da_ref = torch.where(x.double() > 0, dy.double(), 0.0)
     assert torch.equal(da2.double(), da_ref)
     torch.testing.assert_close(db2.double(), da_ref.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_even_case_takes_the_unmasked_specialization():
+    """CASES' last shape exercises the EVEN kernels (conv and weight gradient) at this device's tile configs; the
+    others the masked ones."""
+    shape, k = CASES[-1]
+    x = torch.empty(shape, device=DEVICE)
+    conv, wg = TC.conv_config(x, k), TC.wgrad_config(x, k)
+    N, C, H, W = shape
+    per = -(-(N * H) // wg.bm) * wg.bm  # at most the rows; any split is a multiple of BR
+    assert TC.conv_even(shape, conv) and TC.wgrad_even(shape, wg, wg.bm) and TC.wgrad_even(shape, wg, per)
+    assert not any(TC.conv_even(s, conv) for s, _ in CASES[:-1])
 
 
 def test_weight_grad_is_deterministic():

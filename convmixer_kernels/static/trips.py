@@ -236,8 +236,9 @@ def _tc_conv(c, a, grid):
 
 def _tc_wgrad(c, a, grid):
     """``_tc_wgrad_kernel``: program (channel block, tap row i, row split); loops: W-tiles [window chunks [BR-row
-    steps]] (the W-tile loop is gone when tiles_w = 1 is specialized). Per step one [BC, KC, BR] x [BC, BR, BW]
-    dot; per chunk the banded sum through the program's scratch slot."""
+    steps]] (the W-tile loop is gone when tiles_w = 1 is specialized, and in the DENSE source: W <= BW = KC, one
+    W-tile of one chunk). Per step one [BC, KC, BR] x [BC, BR, BW] dot; per chunk the banded sum through the
+    program's scratch slot."""
     BC, BR, BW, KC, KH, KW = (c[n] for n in ("BC", "BR", "BW", "KC", "KH", "KW"))
     M, per = a["M"], a["rows_per_split"]
     chunks = _tc_windows(a, c)
@@ -247,7 +248,7 @@ def _tc_wgrad(c, a, grid):
     mma = 2.0 * BC * KC * BW * BR * grid[0] * grid[1] * sum(steps) * sum(chunks)
     step_loop = Loop(sum(steps) / splits, name="BR-row steps")
     nest = Loop(sum(chunks) / len(chunks), [step_loop], name="window chunks")
-    if "tiles_w" not in c:  # a runtime W-tile count (> 1): its loop stays
+    if "tiles_w" not in c and not c.get("DENSE"):  # a runtime W-tile count (> 1): its loop stays
         nest = Loop(len(chunks), [nest], name="W-tiles")
     x, da = a["x_ptr"], a["da_ptr"]
     W = a["W"]

@@ -28,6 +28,10 @@ Kernels:
   act(a) * scale + shift + x. The input gradient is the same kernel: dx = dy + conv^T(da) is the
   correlation of da with the flipped kernel and transposed padding (KH-1-PT, KW-1-PL) (for even k
   the padding flips side), RES adds dy before the one rounding.
+EVEN (every tile full: C, N*H, W multiples of the tile) drops the channel/row/column masks (the tap rows'
+row masks stay, one unsigned compare) and sums the statistics over the 3-D tile; DENSE (W <= BW = KC) reads
+the whole row in one chunk (both kernels; the chunk loop stays, one trip).
+
 * ``_tc_wgrad_kernel``: dw[c, i, j] = sum da[n,c,h,w] x[n,c,h+i-PT,w+j-PL] as D_i = X_i^T @ da over
   rows (the rows are the GEMM's reduction), [BC, KC, BW] per (kernel row, window chunk, W-tile),
   then dw[i, j] = sum of D_i's diagonal u - v = j - PL (a banded sum, once per program). Program
@@ -53,7 +57,8 @@ from ..batchnorm import SCALE, SHIFT
 from .activation import act_fwd, act_grad
 from .batchnorm import tile_stats
 from .common import interpreting, needs_int64, num_sms, p2, sum_rows
-from .depthwise import _offsets, _strides, _tile, default_config, grad_sums  # noqa: F401 (grad_sums: contract)
+from .depthwise import TileConfig, _offsets, _strides, _tile, default_config  # noqa: F401
+from .depthwise import grad_sums  # noqa: F401 (part of the contract)
 from .batchnorm import finalize  # noqa: F401  (part of the contract)
 from .depthwise import apply  # noqa: F401  (part of the contract: y = act(a)*s + t + x)
 
@@ -83,14 +88,15 @@ def _tc_conv_kernel(x_ptr, tab_ptr, b_ptr, res_ptr, out_ptr, y_ptr, scale_ptr, s
                     KH: tl.constexpr, KW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr, L: tl.constexpr,
                     OFF: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, RES: tl.constexpr,
                     STATS: tl.constexpr, APPLY: tl.constexpr, STORE: tl.constexpr, DENSE: tl.constexpr,
-                    BC: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
+                    EVEN: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
                     DOT_F32: tl.constexpr, INT64: tl.constexpr):
     """out[n, c, h, w0+v] = sum_i X_i @ T_i (+ bias, + res) over one tile of BC channels x BM rows (n, h)
     x BW columns; see the module docstring. ``tab`` [cblocks*BC, KH, L] holds w[c, i, j] at
     OFF + j, zeros elsewhere (T's gather is mask-free); DENSE (W <= BW = KC: one tile, one chunk per row):
     ``tab`` is the Toeplitz matrices themselves, [cblocks*BC, KH, KC, BW] (contiguous vector loads). STATS: (count, mean, M2) of act(out) per
     channel into partials [3, T, C] at tile t. APPLY: y = act(out)*scale + shift + x (eval; out only
-    if STORE)."""
+    if STORE). EVEN (C % BC == 0, M % BM == 0, W % BW == 0): no channel, row or column masks (the tap rows'
+    own row masks stay). DENSE: one dot per tap row, no window-chunk loop."""
     cb = tl.program_id(0)
     t = tl.program_id(1)
     mt = t // tiles_w
@@ -127,29 +133,51 @@ def _tc_conv_kernel(x_ptr, tab_ptr, b_ptr, res_ptr, out_ptr, y_ptr, scale_ptr, s
     else:
         t_c = tab_ptr + (c * (KH * L))[:, None, None]
     acc = tl.zeros((BC, BM, BW), dtype=tl.float32)
-    for i in range(i_lo, i_hi):
-        hh = h + (i - PT)
-        rmask = mmask & (hh >= 0) & (hh < H)
-        x_r = x_c + (n * sxn + hh * sxh)[None, :, None]
-        t_r = t_c + i * L + (OFF + PL - w0)
-        for u0 in range(q_lo, q_hi, KC):
-            u = u0 + ku
-            a_t = tl.load(x_r + (u * sxw)[None, None, :],
-                          mask=cmask[:, None, None] & rmask[None, :, None] & (u < q_hi)[None, None, :], other=0.0)
-            if DENSE:  # the whole row in one chunk (u0 = w0 = 0): T_i read from the dense Toeplitz table
-                w_t = tl.load(t_c + i * (KC * BW) + (ku[:, None] * BW + kv[None, :])[None, :, :])
+    if DENSE:  # the whole row in one chunk (u0 = w0 = 0, W <= KC): one dot per tap row, T_i from the dense table
+        x_d = x_c + (n * sxn + h * sxh)[None, :, None] + (ku * sxw)[None, None, :]
+        t_d = t_c + (ku[:, None] * BW + kv[None, :])[None, :, :]
+        for i in range(i_lo, i_hi):
+            hh = h + (i - PT)
+            if EVEN:
+                rmask = hh.to(tl.uint32) < H.to(tl.uint32)  # 0 <= hh < H in one unsigned compare
+                xm = rmask[None, :, None]
             else:
+                rmask = mmask & (hh >= 0) & (hh < H)
+                xm = cmask[:, None, None] & rmask[None, :, None] & (ku < W)[None, None, :]
+            for u0 in range(q_lo, q_hi, KC):  # one chunk (q_lo = 0, q_hi = W <= KC)
+                a_t = tl.load(x_d + (i - PT) * sxh, mask=xm, other=0.0)
+                w_t = tl.load(t_d + i * (KC * BW))
+                if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 ("ieee": no tf32)
+                    acc = tl.dot(a_t.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a_t, w_t, acc)
+    else:
+        for i in range(i_lo, i_hi):
+            hh = h + (i - PT)
+            rmask = mmask & (hh >= 0) & (hh < H)
+            x_r = x_c + (n * sxn + hh * sxh)[None, :, None]
+            t_r = t_c + i * L + (OFF + PL - w0)
+            for u0 in range(q_lo, q_hi, KC):
+                u = u0 + ku
+                a_t = tl.load(x_r + (u * sxw)[None, None, :],
+                              mask=cmask[:, None, None] & rmask[None, :, None] & (u < q_hi)[None, None, :], other=0.0)
                 w_t = tl.load(t_r + (u0 + band)[None, :, :])  # T[u, v] = w[i, u0 + u - w0 - v + PL]
-            if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 ("ieee": no tf32)
-                acc = tl.dot(a_t.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_t, w_t, acc)
-    mask = cmask[:, None, None] & mmask[None, :, None] & vmask[None, None, :]
+                if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 ("ieee": no tf32)
+                    acc = tl.dot(a_t.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a_t, w_t, acc)
+    if EVEN:
+        mask = None
+    else:
+        mask = cmask[:, None, None] & mmask[None, :, None] & vmask[None, None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None, None]
+    r_off = (c * src)[:, None, None] + (n * srn + h * srh)[None, :, None] + (v * srw)[None, None, :]
     if RES:  # dx = dy + conv^T(da): the residual's gradient added before the one rounding
-        acc += tl.load(res_ptr + (c * src)[:, None, None] + (n * srn + h * srh)[None, :, None]
-                       + (v * srw)[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        if EVEN:
+            acc += tl.load(res_ptr + r_off).to(tl.float32)
+        else:
+            acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     o_off = (c * soc)[:, None, None] + (n * son + h * soh)[None, :, None] + (v * sow)[None, None, :]
     # rounded to the output dtype before any use: statistics, y and the backward see the stored value
     a = _to(acc, out_ptr.dtype.element_ty, DOT_F32)
@@ -157,7 +185,13 @@ def _tc_conv_kernel(x_ptr, tab_ptr, b_ptr, res_ptr, out_ptr, y_ptr, scale_ptr, s
         tl.store(out_ptr + o_off, a, mask=mask)
     if STATS:
         g = act_fwd(a.to(tl.float32), ACT)
-        count, mean, m2 = tile_stats(tl.reshape(g, (BC, BM * BW)), tl.reshape(mask, (BC, BM * BW)), 1)
+        if EVEN:  # every pixel of the tile counts: no mask products; sums over the 3-D tile (no reshape)
+            count = tl.full((BC,), BM * BW, tl.float32)
+            mean = tl.sum(tl.sum(g, axis=2), axis=1) / (BM * BW)
+            d = g - mean[:, None, None]
+            m2 = tl.sum(tl.sum(d * d, axis=2), axis=1)
+        else:
+            count, mean, m2 = tile_stats(tl.reshape(g, (BC, BM * BW)), tl.reshape(mask, (BC, BM * BW)), 1)
         p = part_ptr + t * C + c
         tl.store(p, count, mask=cmask)
         tl.store(p + T * C, mean, mask=cmask)
@@ -165,8 +199,10 @@ def _tc_conv_kernel(x_ptr, tab_ptr, b_ptr, res_ptr, out_ptr, y_ptr, scale_ptr, s
     if APPLY:  # eval: res is x, y shares out's strides
         s = tl.load(scale_ptr + c, mask=cmask, other=0.0)[:, None, None]
         sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)[:, None, None]
-        xv = tl.load(res_ptr + (c * src)[:, None, None] + (n * srn + h * srh)[None, :, None]
-                     + (v * srw)[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        if EVEN:
+            xv = tl.load(res_ptr + r_off).to(tl.float32)
+        else:
+            xv = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         y = act_fwd(a.to(tl.float32), ACT) * s + sh + xv
         tl.store(y_ptr + o_off, _to(y, y_ptr.dtype.element_ty, DOT_F32), mask=mask)
 
@@ -176,12 +212,15 @@ def _tc_wgrad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr, C, H, W, M, r
                      sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
                      KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                      BC: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, KC: tl.constexpr,
-                     DB: tl.constexpr, DOT_F32: tl.constexpr, INT64: tl.constexpr):
+                     DB: tl.constexpr, DENSE: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+                     INT64: tl.constexpr):
     """Partials dw[split, i*KW + j, c] and (DB, i = 0 programs) db[split, c] over rows
     [split*rows_per_split, +rows_per_split) of program (cb, i, split): per W-tile and window chunk,
     D = X_i^T @ da accumulated over the rows in BR-row steps ([BC, KC, BR] x [BC, BR, BW]), then its
     diagonals u0 + u - (w0 + v) + PL = j summed into dw[j] (fixed order, once per chunk, through the program's
-    scratch slot of BC*KC*BW fp32)."""
+    scratch slot of BC*KC*BW fp32). DENSE (W <= BW = KC): one W-tile and one chunk (the whole row), no loops for
+    them. EVEN (DENSE, C % BC == 0, H and rows_per_split multiples of BR): no channel, row or column masks (x's
+    tap-row mask stays), and each BR-row step lies in one image (n, h from one scalar division)."""
     cb = tl.program_id(0)
     i = tl.program_id(1)
     split = tl.program_id(2)
@@ -201,47 +240,90 @@ def _tc_wgrad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr, C, H, W, M, r
     dbv = tl.zeros((BC,), dtype=tl.float32)
     x_c = x_ptr + (c * sxc)[:, None, None]
     d_c = da_ptr + (c * sdc)[:, None, None]
-    for wt in range(0, tiles_w):
-        w0 = wt * BW
-        v = w0 + kv
-        vmask = v < W
-        q_lo = tl.maximum(w0 - PL, 0)
-        q_hi = tl.minimum(w0 + (BW - 1 + KW - PL), W)
-        for u0 in range(q_lo, q_hi, KC):
-            u = u0 + ku
-            umask = u < q_hi
+    if DENSE:  # one W-tile, one chunk: w0 = u0 = 0, the window is the row
+        for u0 in range(0, tl.minimum(BW - 1 + KW - PL, W), KC):  # one chunk (u0 = 0, W <= KC)
             acc = tl.zeros((BC, KC, BW), dtype=tl.float32)
             for r0 in range(first, last, BR):
                 m = r0 + kr
-                mmask = m < last
-                n = m // H
-                h = m % H
+                if EVEN:  # the BR rows lie in one image (H % BR == 0): one scalar division per step
+                    n = tl.zeros((BR,), tl.int32) + r0 // H
+                    h = (r0 % H) + kr
+                else:
+                    n = m // H
+                    h = m % H
                 if INT64:
                     n = n.to(tl.int64)
                     h = h.to(tl.int64)
                 hh = h + (i - PT)
-                rmask = mmask & (hh >= 0) & (hh < H)
-                xt = tl.load(x_c + (n * sxn + hh * sxh)[None, None, :] + (u * sxw)[None, :, None],
-                             mask=cmask[:, None, None] & umask[None, :, None] & rmask[None, None, :], other=0.0)
-                dm = cmask[:, None, None] & mmask[None, :, None] & vmask[None, None, :]
-                d = tl.load(d_c + (n * sdn + h * sdh)[None, :, None] + (v * sdw)[None, None, :], mask=dm, other=0.0)
-                if DB:  # (input_grad takes db from the da kernel instead: this in-loop reduction costs issue slots)
-                    if (i == 0) & (u0 == q_lo):  # db: every pixel once (kernel row 0, first chunk of each W-tile)
+                if EVEN:
+                    rmask = hh.to(tl.uint32) < H.to(tl.uint32)  # 0 <= hh < H in one unsigned compare
+                    xm = rmask[None, None, :]
+                else:
+                    mmask = m < last
+                    rmask = mmask & (hh >= 0) & (hh < H)
+                    xm = cmask[:, None, None] & (ku < W)[None, :, None] & rmask[None, None, :]
+                xt = tl.load(x_c + (n * sxn + hh * sxh)[None, None, :] + (ku * sxw)[None, :, None], mask=xm, other=0.0)
+                d_p = d_c + (n * sdn + h * sdh)[None, :, None] + (kv * sdw)[None, None, :]
+                if EVEN:
+                    d = tl.load(d_p)
+                else:
+                    dm = cmask[:, None, None] & mmask[None, :, None] & (kv < W)[None, None, :]
+                    d = tl.load(d_p, mask=dm, other=0.0)
+                if DB:
+                    if i == 0:
                         dbv += tl.sum(tl.sum(d.to(tl.float32), axis=2), axis=1)
                 if DOT_F32:
                     acc = tl.dot(xt.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xt, d, acc)
-            # the banded sum: tap j collects D[u, v] with u0 + u - (w0 + v) + PL == j. D goes through the
-            # program's scratch slot (fp32, L1/L2) and is read back skewed, E[b, j, v] = D[b, v + j - PL - (u0 - w0), v],
-            # so one reduction over v serves every tap (KW masked reductions of D cost ~20x more issue slots)
-            tl.debug_barrier()  # the previous chunk's skewed reads are done
             tl.store(slot + (cl[:, None, None] * KC + ku[None, :, None]) * BW + kv[None, None, :], acc)
             tl.debug_barrier()  # D written by all threads
-            us = kv[None, None, :] + jj[None, :, None] - (PL + u0 - w0)  # [1, KWP, BW]
+            us = kv[None, None, :] + jj[None, :, None] - PL  # [1, KWP, BW]
             em = (us >= 0) & (us < KC) & (jj < KW)[None, :, None]
             e = tl.load(slot + (cl[:, None, None] * KC + us) * BW + kv[None, None, :], mask=em, other=0.0)
             dwv += tl.sum(e, axis=2)
+    else:
+        for wt in range(0, tiles_w):
+            w0 = wt * BW
+            v = w0 + kv
+            vmask = v < W
+            q_lo = tl.maximum(w0 - PL, 0)
+            q_hi = tl.minimum(w0 + (BW - 1 + KW - PL), W)
+            for u0 in range(q_lo, q_hi, KC):
+                u = u0 + ku
+                umask = u < q_hi
+                acc = tl.zeros((BC, KC, BW), dtype=tl.float32)
+                for r0 in range(first, last, BR):
+                    m = r0 + kr
+                    mmask = m < last
+                    n = m // H
+                    h = m % H
+                    if INT64:
+                        n = n.to(tl.int64)
+                        h = h.to(tl.int64)
+                    hh = h + (i - PT)
+                    rmask = mmask & (hh >= 0) & (hh < H)
+                    xt = tl.load(x_c + (n * sxn + hh * sxh)[None, None, :] + (u * sxw)[None, :, None],
+                                 mask=cmask[:, None, None] & umask[None, :, None] & rmask[None, None, :], other=0.0)
+                    dm = cmask[:, None, None] & mmask[None, :, None] & vmask[None, None, :]
+                    d = tl.load(d_c + (n * sdn + h * sdh)[None, :, None] + (v * sdw)[None, None, :], mask=dm, other=0.0)
+                    if DB:  # (input_grad takes db from the da kernel instead: this in-loop reduction costs issue slots)
+                        if (i == 0) & (u0 == q_lo):  # db: every pixel once (kernel row 0, first chunk of each W-tile)
+                            dbv += tl.sum(tl.sum(d.to(tl.float32), axis=2), axis=1)
+                    if DOT_F32:
+                        acc = tl.dot(xt.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(xt, d, acc)
+                # the banded sum: tap j collects D[u, v] with u0 + u - (w0 + v) + PL == j. D goes through the
+                # program's scratch slot (fp32, L1/L2) and is read back skewed, E[b, j, v] = D[b, v + j - PL - (u0 - w0), v],
+                # so one reduction over v serves every tap (KW masked reductions of D cost ~20x more issue slots)
+                tl.debug_barrier()  # the previous chunk's skewed reads are done
+                tl.store(slot + (cl[:, None, None] * KC + ku[None, :, None]) * BW + kv[None, None, :], acc)
+                tl.debug_barrier()  # D written by all threads
+                us = kv[None, None, :] + jj[None, :, None] - (PL + u0 - w0)  # [1, KWP, BW]
+                em = (us >= 0) & (us < KC) & (jj < KW)[None, :, None]
+                e = tl.load(slot + (cl[:, None, None] * KC + us) * BW + kv[None, None, :], mask=em, other=0.0)
+                dwv += tl.sum(e, axis=2)
     base = dwp_ptr + split.to(tl.int64) * (KH * KW * C)
     tl.store(base + (i * KW + jj)[None, :] * C + c[:, None], dwv, mask=cmask[:, None] & (jj < KW)[None, :])
     if DB:
@@ -292,23 +374,39 @@ class TCConfig:
 
 def conv_config(x: torch.Tensor, k: int) -> TCConfig:
     """Conv tiles (forward and dx). Interpreter: the smallest dot (16) and 2 channels. GPU: BW = KC = 32
-    (a whole 32-wide row per dot: the window clipped to the map is the row itself), 64 rows, 8 channels
-    (16 contiguous bytes per pixel in channels_last), 8 warps (4 warps: 255 registers and a 752-byte spill
-    in the statistics epilogue; 8: 233 and none); chosen from the static sm_90 compile (bench/static_tc.py
-    --configs: 8x32 rows x 4 warps, 4x128 and 16x64 predict slower or spill)."""
+    (a whole 32-wide row per dot: the window clipped to the map is the row itself), 32 rows, 8 channels
+    (16 contiguous bytes per pixel in channels_last), 8 warps: 128 registers (EVEN, 1536/20 bf16), so 2 programs
+    per SM, 4 warps per scheduler (64 rows: 176-233 registers, 1 program, half the latency hiding); chosen from
+    the static sm_90 compile (bench/static_tc.py --configs, k = 31 forward: 8x64 x 8 warps, 4x64, 16x32, 16x16,
+    8x16 x 4 warps and 8x32 x 4 warps predict slower)."""
     H, W = x.shape[-2:]
     if interpreting(x.device):
         return TCConfig(2, 16, 16, 16, 1)
     bw = 32 if W > 16 else 16
-    return TCConfig(8, 64, bw, bw, 8)
+    return TCConfig(8, 32, bw, bw, 8)
 
 
 def wgrad_config(x: torch.Tensor, k: int) -> TCConfig:
+    """Weight-gradient tiles: 8 channels, 32-row steps, BW = KC = 32, 8 warps (~100-128 registers: 2 programs per
+    SM; 4 warps: 168 registers, 3 programs, 3 warps per scheduler). Static sm_90, 1536/20 bf16 k = 9: 8x32 x 8
+    warps 202 us, 8x16 x 4 273, 4x32 x 4 329, 16x32 x 8 449; 8x64 x 8 spills at k = 31."""
     H, W = x.shape[-2:]
     if interpreting(x.device):
         return TCConfig(2, 16, 16, 16, 1)
     bw = 32 if W > 16 else 16
-    return TCConfig(8, 32, bw, bw, 4)
+    return TCConfig(8, 32, bw, bw, 8)
+
+
+def da_config(H: int, W: int, C: int, channels_last: bool, device) -> TileConfig:
+    """``_da_kernel``'s tiles: twice the CUDA-core default's elements per thread (8x8 pixels x 64 channels in
+    channels_last, 8x32 x 8 in NCHW, 4 warps), the db partial's cross-thread reduction and the tile arithmetic
+    amortized over more elements (static sm_90, 1536/20 bf16: 212.5 -> 190.2 us channels_last, 204.7 -> 188.6
+    NCHW; 8x16 x 32, 16x16 x 32 x 8 warps, 8x8 x 128 x 8 warps predict 191-194). Interpreter: the default."""
+    if interpreting(device):
+        return default_config(H, W, C, channels_last, device)
+    if channels_last:
+        return TileConfig(min(8, p2(H)), min(8, p2(W)), min(64, p2(C)), 4)
+    return TileConfig(min(8, p2(H)), min(32, p2(W)), min(8, p2(C)), 4)
 
 
 def _splits(rows: int, programs: int, device) -> int:
@@ -350,6 +448,19 @@ def _table(weight: torch.Tensor, dtype, bc: int, L: int, off: int, flip: bool) -
     return tab
 
 
+def conv_even(shape, cfg: TCConfig) -> bool:
+    """``_tc_conv_kernel``'s EVEN: every tile full (C % BC, N*H % BM, W % BW all 0), no channel/row/column masks."""
+    N, C, H, W = shape
+    return C % cfg.bc == 0 and (N * H) % cfg.bm == 0 and W % cfg.bw == 0
+
+
+def wgrad_even(shape, cfg: TCConfig, per: int) -> bool:
+    """``_tc_wgrad_kernel``'s EVEN: one W-tile of one chunk (W <= BW, KC), full channel blocks, and every BR-row step
+    inside one image (H and the split's rows ``per`` multiples of BR)."""
+    N, C, H, W = shape
+    return W <= cfg.bw and W <= cfg.kc and C % cfg.bc == 0 and H % cfg.bm == 0 and per % cfg.bm == 0
+
+
 def _conv(x, weight, pads, cfg: TCConfig, *, flip=False, bias=None, res=None, stats=False, act=0,
           apply_to=None, store=True):
     """One ``_tc_conv_kernel`` launch: -> (out, y, partials or None)."""
@@ -361,6 +472,7 @@ def _conv(x, weight, pads, cfg: TCConfig, *, flip=False, bias=None, res=None, st
     off = cfg.bw - 1
     L = off + cfg.bw + KW + cfg.kc - 2
     dense = W <= cfg.bw and W <= cfg.kc
+    even = conv_even(x.shape, cfg)
     if dense:
         tab = _dense_table(weight, x.dtype, cfg.bc, cfg.kc, cfg.bw, pl, flip)
     else:
@@ -384,7 +496,8 @@ def _conv(x, weight, pads, cfg: TCConfig, *, flip=False, bias=None, res=None, st
         shift if shift is not None else dummy, part if part is not None else dummy,
         C, H, W, M, tiles_w, T, *_strides(x), *_strides(o), *(_strides(r) if r is not None else (0, 0, 0, 0)),
         KH=KH, KW=KW, PT=pt, PL=pl, L=L, OFF=off, ACT=act, HAS_BIAS=bias is not None, RES=res is not None,
-        STATS=stats, APPLY=apply_to is not None, STORE=store, DENSE=dense, BC=cfg.bc, BM=cfg.bm, BW=cfg.bw, KC=cfg.kc,
+        STATS=stats, APPLY=apply_to is not None, STORE=store, DENSE=dense, EVEN=even, BC=cfg.bc, BM=cfg.bm, BW=cfg.bw,
+        KC=cfg.kc,
         DOT_F32=interpreting(x.device), INT64=int64, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, y, part
 
@@ -409,7 +522,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor) -> str:
 
     Rule, from the static sm_90 predictions (not measurements) in bench/results/static-sm90-depthwise-tc.json,
     paper shape 64 x 1536 x 32 x 32, bf16, channels_last: the tensor-core conv work (forward, da, dx, dw) is
-    1.73 ms at k = 9 (CUDA-core kernels 2.30 ms) and 4.44 ms at k = 31 (25.6 ms); its cost grows with KH only
+    0.87 ms at k = 9 (CUDA-core kernels 2.30 ms) and 1.99 ms at k = 31 (25.6 ms); its cost grows with KH only
     (a 32-wide Toeplitz band per kernel row), the CUDA-core one with KH * KW. So: "tc" whenever
     ``tc_unsupported`` is None (bf16/fp16, k >= MIN_K = 7), else "cuda_core". Below k = 7 the band is over
     75% zeros at W = 32 and no static comparison was made."""
@@ -452,9 +565,12 @@ def weight_grad(da, x, KH: int, KW: int, pads: Tuple[int, int], db: bool = True)
     dwp = empty((splits, KH * KW, C), **f32)
     dbp = empty((splits, C), **f32) if db else dwp
     scratch = empty((splits * KH * cblocks, cfg.bc * cfg.kc * cfg.bw), **f32)
+    dense = W <= cfg.bw and W <= cfg.kc
+    even = wgrad_even(x.shape, cfg, per)
     _tc_wgrad_kernel[(cblocks, KH, splits)](
         da, x, dwp, dbp, scratch, C, H, W, M, per, triton.cdiv(W, cfg.bw), *_strides(da), *_strides(x),
         KH=KH, KW=KW, KWP=p2(KW), PT=pads[0], PL=pads[1], BC=cfg.bc, BR=cfg.bm, BW=cfg.bw, KC=cfg.kc, DB=db,
+        DENSE=dense, EVEN=even,
         DOT_F32=interpreting(x.device), INT64=needs_int64(x, da), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return sum_rows(dwp), (sum_rows(dbp) if db else None)
@@ -465,7 +581,7 @@ def pre_activation_grad(dy, a, coef, act: int, train: bool):
     db [C] float32 = the sum of the stored da (per-tile partials summed in a fixed order)."""
     N, C, H, W = a.shape
     da = empty_output(a)
-    cfg = default_config(H, W, C, a.is_contiguous(memory_format=torch.channels_last), a.device)
+    cfg = da_config(H, W, C, a.is_contiguous(memory_format=torch.channels_last), a.device)
     tiles_w = triton.cdiv(W, cfg.tw)
     tiles_per_img = triton.cdiv(H, cfg.th) * tiles_w
     dbp = empty((N * tiles_per_img, C), dtype=torch.float32, device=a.device)
