@@ -203,7 +203,8 @@ def _tc_rows(a, c):
 
 
 def _tc_conv(c, a, grid):
-    """``_tc_conv_kernel``: program (channel block, row tile x W-tile); loops: tap rows reached [window chunks],
+    """``_tc_conv_kernel``: program (channel block, row tile x W-tile); loops: tap rows reached [window chunks
+    (not in the DENSE source: W <= BW = KC, one chunk)],
     trips averaged over the programs (KH, KW only shape the band). One [BC, BM, KC] x [BC, KC, BW] dot per inner
     trip. The loops have runtime bounds but are not ``runtime=True``: a loop around a dot is not unroll-split, so
     an unexpected SASS loop shows as unmatched rather than as a remainder loop."""
@@ -229,16 +230,17 @@ def _tc_conv(c, a, grid):
     what = ("dx = dy + conv^T(da) (flipped kernel, transposed padding)" if c["RES"] else
             "a = conv(x) + b" + (", per-tile (count, mean, M2) of act(a)" if c["STATS"] else "")
             + (", y = act(a)*s + t + x" if c["APPLY"] else "")) + " on tensor cores (Toeplitz band)"
-    return Plan([Loop(sum(rows) / len(rows), [Loop(sum(chunks) / len(chunks), name="window chunks")],
-                      name="tap rows reached")],
+    # DENSE (W <= BW = KC): one chunk per tap row, the window-chunk loop compiled out
+    inner = [] if c.get("DENSE") else [Loop(sum(chunks) / len(chunks), name="window chunks")]
+    return Plan([Loop(sum(rows) / len(rows), inner, name="tap rows reached")],
                 mma_flops=mma, useful_macs=n_el * KH * KW, reads=reads, writes=writes, l2_bytes=l2, what=what)
 
 
 def _tc_wgrad(c, a, grid):
     """``_tc_wgrad_kernel``: program (channel block, tap row i, row split); loops: W-tiles [window chunks [BR-row
-    steps]] (the W-tile loop is gone when tiles_w = 1 is specialized, and in the DENSE source: W <= BW = KC, one
-    W-tile of one chunk). Per step one [BC, KC, BR] x [BC, BR, BW] dot; per chunk the banded sum through the
-    program's scratch slot."""
+    steps]] (the W-tile loop is gone when tiles_w = 1 is specialized; the DENSE source, W <= BW = KC, one W-tile of
+    one chunk, has neither loop: BR-row steps only). Per step one [BC, KC, BR] x [BC, BR, BW] dot; per chunk the
+    banded sum through the program's scratch slot."""
     BC, BR, BW, KC, KH, KW = (c[n] for n in ("BC", "BR", "BW", "KC", "KH", "KW"))
     M, per = a["M"], a["rows_per_split"]
     chunks = _tc_windows(a, c)
@@ -247,9 +249,12 @@ def _tc_wgrad(c, a, grid):
     programs = grid[0] * grid[1] * grid[2]
     mma = 2.0 * BC * KC * BW * BR * grid[0] * grid[1] * sum(steps) * sum(chunks)
     step_loop = Loop(sum(steps) / splits, name="BR-row steps")
-    nest = Loop(sum(chunks) / len(chunks), [step_loop], name="window chunks")
-    if "tiles_w" not in c and not c.get("DENSE"):  # a runtime W-tile count (> 1): its loop stays
-        nest = Loop(len(chunks), [nest], name="W-tiles")
+    if c.get("DENSE"):  # one W-tile of one chunk: neither loop in the source
+        nest = step_loop
+    else:
+        nest = Loop(sum(chunks) / len(chunks), [step_loop], name="window chunks")
+        if "tiles_w" not in c:  # a runtime W-tile count (> 1): its loop stays
+            nest = Loop(len(chunks), [nest], name="W-tiles")
     x, da = a["x_ptr"], a["da_ptr"]
     W = a["W"]
     # L2: per tap row the da W-tile once per chunk and x's window (KC columns per chunk), less the one DRAM read;

@@ -30,7 +30,7 @@ Kernels:
   the padding flips side), RES adds dy before the one rounding.
 EVEN (every tile full: C, N*H, W multiples of the tile) drops the channel/row/column masks (the tap rows'
 row masks stay, one unsigned compare) and sums the statistics over the 3-D tile; DENSE (W <= BW = KC) reads
-the whole row in one chunk (both kernels; the chunk loop stays, one trip).
+the whole row in one chunk (both kernels): the window-chunk loop is compiled out (one dot per tap row).
 
 * ``_tc_wgrad_kernel``: dw[c, i, j] = sum da[n,c,h,w] x[n,c,h+i-PT,w+j-PL] as D_i = X_i^T @ da over
   rows (the rows are the GEMM's reduction), [BC, KC, BW] per (kernel row, window chunk, W-tile),
@@ -144,13 +144,13 @@ def _tc_conv_kernel(x_ptr, tab_ptr, b_ptr, res_ptr, out_ptr, y_ptr, scale_ptr, s
             else:
                 rmask = mmask & (hh >= 0) & (hh < H)
                 xm = cmask[:, None, None] & rmask[None, :, None] & (ku < W)[None, None, :]
-            for u0 in range(q_lo, q_hi, KC):  # one chunk (q_lo = 0, q_hi = W <= KC)
-                a_t = tl.load(x_d + (i - PT) * sxh, mask=xm, other=0.0)
-                w_t = tl.load(t_d + i * (KC * BW))
-                if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 ("ieee": no tf32)
-                    acc = tl.dot(a_t.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a_t, w_t, acc)
+            # one chunk (q_lo = 0, q_hi = W <= KC): no window-chunk loop
+            a_t = tl.load(x_d + (i - PT) * sxh, mask=xm, other=0.0)
+            w_t = tl.load(t_d + i * (KC * BW))
+            if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 ("ieee": no tf32)
+                acc = tl.dot(a_t.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a_t, w_t, acc)
     else:
         for i in range(i_lo, i_hi):
             hh = h + (i - PT)
@@ -240,48 +240,47 @@ def _tc_wgrad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr, C, H, W, M, r
     dbv = tl.zeros((BC,), dtype=tl.float32)
     x_c = x_ptr + (c * sxc)[:, None, None]
     d_c = da_ptr + (c * sdc)[:, None, None]
-    if DENSE:  # one W-tile, one chunk: w0 = u0 = 0, the window is the row
-        for u0 in range(0, tl.minimum(BW - 1 + KW - PL, W), KC):  # one chunk (u0 = 0, W <= KC)
-            acc = tl.zeros((BC, KC, BW), dtype=tl.float32)
-            for r0 in range(first, last, BR):
-                m = r0 + kr
-                if EVEN:  # the BR rows lie in one image (H % BR == 0): one scalar division per step
-                    n = tl.zeros((BR,), tl.int32) + r0 // H
-                    h = (r0 % H) + kr
-                else:
-                    n = m // H
-                    h = m % H
-                if INT64:
-                    n = n.to(tl.int64)
-                    h = h.to(tl.int64)
-                hh = h + (i - PT)
-                if EVEN:
-                    rmask = hh.to(tl.uint32) < H.to(tl.uint32)  # 0 <= hh < H in one unsigned compare
-                    xm = rmask[None, None, :]
-                else:
-                    mmask = m < last
-                    rmask = mmask & (hh >= 0) & (hh < H)
-                    xm = cmask[:, None, None] & (ku < W)[None, :, None] & rmask[None, None, :]
-                xt = tl.load(x_c + (n * sxn + hh * sxh)[None, None, :] + (ku * sxw)[None, :, None], mask=xm, other=0.0)
-                d_p = d_c + (n * sdn + h * sdh)[None, :, None] + (kv * sdw)[None, None, :]
-                if EVEN:
-                    d = tl.load(d_p)
-                else:
-                    dm = cmask[:, None, None] & mmask[None, :, None] & (kv < W)[None, None, :]
-                    d = tl.load(d_p, mask=dm, other=0.0)
-                if DB:
-                    if i == 0:
-                        dbv += tl.sum(tl.sum(d.to(tl.float32), axis=2), axis=1)
-                if DOT_F32:
-                    acc = tl.dot(xt.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, d, acc)
-            tl.store(slot + (cl[:, None, None] * KC + ku[None, :, None]) * BW + kv[None, None, :], acc)
-            tl.debug_barrier()  # D written by all threads
-            us = kv[None, None, :] + jj[None, :, None] - PL  # [1, KWP, BW]
-            em = (us >= 0) & (us < KC) & (jj < KW)[None, :, None]
-            e = tl.load(slot + (cl[:, None, None] * KC + us) * BW + kv[None, None, :], mask=em, other=0.0)
-            dwv += tl.sum(e, axis=2)
+    if DENSE:  # one W-tile, one chunk: w0 = u0 = 0, the window is the row (no W-tile or window-chunk loop)
+        acc = tl.zeros((BC, KC, BW), dtype=tl.float32)
+        for r0 in range(first, last, BR):
+            m = r0 + kr
+            if EVEN:  # the BR rows lie in one image (H % BR == 0): one scalar division per step
+                n = tl.zeros((BR,), tl.int32) + r0 // H
+                h = (r0 % H) + kr
+            else:
+                n = m // H
+                h = m % H
+            if INT64:
+                n = n.to(tl.int64)
+                h = h.to(tl.int64)
+            hh = h + (i - PT)
+            if EVEN:
+                rmask = hh.to(tl.uint32) < H.to(tl.uint32)  # 0 <= hh < H in one unsigned compare
+                xm = rmask[None, None, :]
+            else:
+                mmask = m < last
+                rmask = mmask & (hh >= 0) & (hh < H)
+                xm = cmask[:, None, None] & (ku < W)[None, :, None] & rmask[None, None, :]
+            xt = tl.load(x_c + (n * sxn + hh * sxh)[None, None, :] + (ku * sxw)[None, :, None], mask=xm, other=0.0)
+            d_p = d_c + (n * sdn + h * sdh)[None, :, None] + (kv * sdw)[None, None, :]
+            if EVEN:
+                d = tl.load(d_p)
+            else:
+                dm = cmask[:, None, None] & mmask[None, :, None] & (kv < W)[None, None, :]
+                d = tl.load(d_p, mask=dm, other=0.0)
+            if DB:
+                if i == 0:
+                    dbv += tl.sum(tl.sum(d.to(tl.float32), axis=2), axis=1)
+            if DOT_F32:
+                acc = tl.dot(xt.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, d, acc)
+        tl.store(slot + (cl[:, None, None] * KC + ku[None, :, None]) * BW + kv[None, None, :], acc)
+        tl.debug_barrier()  # D written by all threads
+        us = kv[None, None, :] + jj[None, :, None] - PL  # [1, KWP, BW]
+        em = (us >= 0) & (us < KC) & (jj < KW)[None, :, None]
+        e = tl.load(slot + (cl[:, None, None] * KC + us) * BW + kv[None, None, :], mask=em, other=0.0)
+        dwv += tl.sum(e, axis=2)
     else:
         for wt in range(0, tiles_w):
             w0 = wt * BW
@@ -389,7 +388,8 @@ def conv_config(x: torch.Tensor, k: int) -> TCConfig:
 def wgrad_config(x: torch.Tensor, k: int) -> TCConfig:
     """Weight-gradient tiles: 8 channels, 32-row steps, BW = KC = 32, 8 warps (~100-128 registers: 2 programs per
     SM; 4 warps: 168 registers, 3 programs, 3 warps per scheduler). Static sm_90, 1536/20 bf16 k = 9: 8x32 x 8
-    warps 202 us, 8x16 x 4 273, 4x32 x 4 329, 16x32 x 8 449; 8x64 x 8 spills at k = 31."""
+    warps 202 us (198 with the DENSE body's chunk loop compiled out), 8x16 x 4 273, 4x32 x 4 329, 16x32 x 8 449;
+    8x64 x 8 spills at k = 31."""
     H, W = x.shape[-2:]
     if interpreting(x.device):
         return TCConfig(2, 16, 16, 16, 1)
@@ -522,7 +522,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor) -> str:
 
     Rule, from the static sm_90 predictions (not measurements) in bench/results/static-sm90-depthwise-tc.json,
     paper shape 64 x 1536 x 32 x 32, bf16, channels_last: the tensor-core conv work (forward, da, dx, dw) is
-    0.87 ms at k = 9 (CUDA-core kernels 2.30 ms) and 1.99 ms at k = 31 (25.6 ms); its cost grows with KH only
+    0.83 ms at k = 9 (CUDA-core kernels 2.30 ms) and 1.85 ms at k = 31 (25.6 ms); its cost grows with KH only
     (a 32-wide Toeplitz band per kernel row), the CUDA-core one with KH * KW. So: "tc" whenever
     ``tc_unsupported`` is None (bf16/fp16, k >= MIN_K = 7), else "cuda_core". Below k = 7 the band is over
     75% zeros at W = 32 and no static comparison was made."""
