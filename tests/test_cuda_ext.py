@@ -709,3 +709,44 @@ def test_unsupported_without_extension_names_the_build_command(fresh_loader, mon
                                                                                     1e-5),
                              compute_dtype=x.dtype, activation="gelu", padding="same")
     assert _cuda_ext.BUILD_COMMAND in reason
+
+
+# ------------------------------------------------------------------ static (sm_90 SASS): the prologue's kernels
+
+
+def _static_cuda_missing():
+    try:
+        from convmixer_kernels.static import cuda_plans
+
+        return cuda_plans.missing_tools()
+    except Exception as e:  # noqa: BLE001 (a reason to skip, whatever it is)
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_static_cuda_missing()), reason=f"static CUDA inspection: {_static_cuda_missing()}")
+@pytest.mark.parametrize("k, layout", [(31, "channels_last"), (9, "nchw")])
+def test_static_prologue_lives_in_its_own_kernels(k, layout):
+    """The default conv kernels hold no prologue code: a runtime switch at staging cost them 0.1-1.3% in sm_90
+    instructions, and static/cuda_plans.py once matched its staging loop as the backward's da staging (CUDA
+    backward, 64x1536x32x32 bf16 k=31: 15634 -> 19294 us predicted). The *_prologue_kernel instances stage x
+    through it alone: one prologue loop with trips, every loop matched by role, no spills. Static sm_90
+    prediction (nvcc, no GPU)."""
+    from convmixer_kernels.static import cuda_plans, report
+
+    shape = report.Workload(kernel_size=k, layout=layout).shape()
+    for prologue in (False, True):
+        ls, pl = cuda_plans.launches(shape, "bf16", prologue=prologue)
+        conv = [l for l in ls if l.role in ("forward", "backward")]
+        assert all(("prologue" in l.kernel) == prologue for l in conv)
+        assert len(conv) == (2 if prologue else 3)  # no eval forward with a prologue
+        compiled = cuda_plans.compile_instances([l.instance for l in conv])
+        for l in conv:
+            c, func = compiled[l.instance]
+            assert cuda_plans.cuda_trips(func, l, shape, pl["vec_ok"]), f"{l.instance}: a loop without a role"
+            assert c.resources.spill_bytes == 0, f"{l.instance} spills {c.resources.spill_bytes} B"
+            pro = [lp for lp in func.all_loops() if cuda_plans._prologue(func, lp)]  # outer loops first
+            if prologue:
+                assert pro and pro[0].trip > 0, l.instance
+            else:
+                assert not pro, f"{l.instance} holds the prologue's staging loop"

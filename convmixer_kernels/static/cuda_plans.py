@@ -9,7 +9,9 @@ those launches use are compiled alone (a generated .cu that takes their addresse
 
 Trip counts (the CUDA counterpart of ``trips.py``): the loops of these kernels are recognised by
 content, not by position (the compiler splits staging loops into vector and scalar variants and
-unrolls by rows): ``cuda_trips`` below, one rule per loop role, the figures from the plan.
+unrolls by rows): ``cuda_trips`` below, one rule per loop role, the figures from the plan. The input-side
+prologue's staging loop (``load_tile_prologue``) is recognised first (``_prologue``): the x tile's trips in the
+*_prologue_kernel instances (``launches(..., prologue=True)``), none where a launch has no prologue.
 Static prediction, not a measurement.
 """
 from __future__ import annotations
@@ -164,17 +166,21 @@ def _tile(t) -> str:
     return f"Tile<{'true' if cl else 'false'}, {cb}, {th}, {tw}, {rw}>"
 
 
-def launches(shape, dtype: str) -> (List[CudaLaunch], dict):
-    """The extension's launches for one depthwise-block training step (and the eval forward)."""
+def launches(shape, dtype: str, prologue: bool = False) -> (List[CudaLaunch], dict):
+    """The extension's launches for one depthwise-block training step (and the eval forward). ``prologue``: the
+    step of a layer whose conv reads z = act(x) * s + t (the input-side prologue, design.md 3.3): the training
+    forward and the backward run the *_prologue_kernel instances (plan["prologue"] true), there is no eval
+    forward. The default (False) is what inspect and the static results predict."""
     N, C, H, k, cl = shape.batch, shape.dim, shape.size, shape.kernel_size, shape.channels_last
     pl = plans(N, C, H, H, k, k, dtype, cl)
     T = CTYPES[dtype]
     f, b, e = pl["forward"], pl["backward"], pl["elementwise"]
     out = []
-    fwd_inst = f"depthwise_forward_kernel<{_tile(f['tile'])}, {T}, {f['kernel_k']}>"
-    for phase in ("forward (training)", "forward (eval)"):
-        out.append(CudaLaunch(phase, "depthwise_forward_kernel", fwd_inst, f["blocks"], f["threads"], f["smem_bytes"],
-                              "forward", dict(f, training=phase.endswith("(training)")), f["error"]))
+    fwd = "depthwise_forward_prologue_kernel" if prologue else "depthwise_forward_kernel"
+    fwd_inst = f"{fwd}<{_tile(f['tile'])}, {T}, {f['kernel_k']}>"
+    for phase in ("forward (training)",) if prologue else ("forward (training)", "forward (eval)"):
+        out.append(CudaLaunch(phase, fwd, fwd_inst, f["blocks"], f["threads"], f["smem_bytes"], "forward",
+                              dict(f, training=phase.endswith("(training)"), prologue=prologue), f["error"]))
     comb_blocks = -(-C // 32)
     out.append(CudaLaunch("forward (training)", "batchnorm_combine_kernel", "batchnorm_combine_kernel", comb_blocks, 1024,
                           32 * 3 * 32 * 4, "combine", {"tiles": f["tiles"], "C": C}, f["error"]))
@@ -187,9 +193,10 @@ def launches(shape, dtype: str) -> (List[CudaLaunch], dict):
     if b["kernel_k"] == 0 and b["dw_in_registers"]:
         regs = pl["dw_reg_items_large"] if b["tile"][0] else pl["dw_reg_items_nchw"]
     bwd_k = 0 if b["large_tile"] else b["kernel_k"]
-    out.append(CudaLaunch("backward", "depthwise_backward_kernel",
-                          f"depthwise_backward_kernel<{_tile(b['tile'])}, {T}, {bwd_k}, {regs}>", b["blocks"],
-                          b["threads"], b["smem_bytes"], "backward", dict(b, dw_regs=regs), b["error"]))
+    bwd = "depthwise_backward_prologue_kernel" if prologue else "depthwise_backward_kernel"
+    out.append(CudaLaunch("backward", bwd, f"{bwd}<{_tile(b['tile'])}, {T}, {bwd_k}, {regs}>", b["blocks"],
+                          b["threads"], b["smem_bytes"], "backward", dict(b, dw_regs=regs, prologue=prologue),
+                          b["error"]))
     return out, pl
 
 
@@ -281,6 +288,32 @@ def _excl(func, lp) -> Dict[str, int]:
 
 def _set(lp, trip):
     lp.trip, lp.matched = float(trip), True
+
+
+def _staging_loop(func, lp) -> bool:
+    f = _feat(func, lp)
+    return bool(f.get("LDG", 0) and f.get("STS", 0) and not f.get("BAR", 0))
+
+
+def _prologue(func, lp) -> bool:
+    """load_tile_prologue's loop (csrc/kernels/depthwise_conv.cuh; NCHW: warp rows, lanes in an inner loop): a
+    staging loop that computes act(x) * s + t (FFMA: the activation's polynomial) and reads no shared-memory
+    table. The x and weight staging loops do no float math; the backward's da staging (act'(a), also FFMA) reads
+    its coefficients from shared memory (LDS). Only the *_prologue_kernel instances hold one: a default kernel
+    that has one again (a runtime switch) still gets it right, with no trips, not as a staging variant."""
+    f = _feat(func, lp)
+    return _staging_loop(func, lp) and bool(f.get("FFMA", 0)) and not f.get("LDS", 0)
+
+
+def _split_prologue(func, stage):
+    """(the prologue group, the other staging loops); the prologue loops set to no trips here (a launch without
+    a prologue), the caller hands them the x tile's trips where the plan has ``prologue``."""
+    pro = [lp for lp in stage if _prologue(func, lp)]
+    for lp in pro:
+        _set(lp, 0)
+        for ch in lp.children:
+            _set(ch, 0)
+    return pro, [lp for lp in stage if lp not in pro]
 
 
 def _groups(func, lps):
@@ -381,16 +414,19 @@ def cuda_trips(func, launch: CudaLaunch, shape, vec_ok: bool) -> bool:
         w_floats = cb * kc * k / threads
 
         def visit(lps):
-            stage = [lp for lp in lps if _feat(func, lp).get("LDG", 0) and _feat(func, lp).get("STS", 0)
-                     and not _feat(func, lp).get("BAR", 0)]
-            if stage:
-                gs = _groups(func, stage)
+            stage = [lp for lp in lps if _staging_loop(func, lp)]
+            pro, rest = _split_prologue(func, stage)
+            gs = _groups(func, rest)
+            if pro and p.get("prologue"):  # x is staged by the prologue only: the rest stage the weights
+                _staging(func, [pro], x_floats, pro)
+                ws = gs
+            else:
                 nw = 2 if (p["kernel_k"] == 0 and k >= 16) else 1
                 nw = min(nw, len(gs) - 1) if len(gs) > 1 else 0
                 ws, xs = gs[len(gs) - nw:], gs[:len(gs) - nw]
                 _staging(func, xs, x_floats, _pick(func, xs, V > 1, None if cl else ((tw + k - 1) % 32 == 0)))
-                if ws:
-                    _staging(func, ws, w_floats, _pick(func, ws, False, k >= 16 if nw > 1 else None))
+            if ws:
+                _staging(func, ws, w_floats, _pick(func, ws, False, k >= 16 if len(ws) > 1 else None))
             for lp in lps:
                 if lp in stage:
                     continue
@@ -430,14 +466,17 @@ def cuda_trips(func, launch: CudaLaunch, shape, vec_ok: bool) -> bool:
         _staging(func, [g], (cb * k * k if i == 0 else 4 * cb) / threads, g)
 
     def visit(lps):
-        stage = [lp for lp in lps if _feat(func, lp).get("LDG", 0) and _feat(func, lp).get("STS", 0)
-                 and not _feat(func, lp).get("BAR", 0)]
-        da = [lp for lp in stage if _feat(func, lp).get("FFMA", 0) or _feat(func, lp).get("MUFU", 0)]
-        xs = [lp for lp in stage if lp not in da]
+        stage = [lp for lp in lps if _staging_loop(func, lp)]
+        pro, rest = _split_prologue(func, stage)  # the weight gradient's x tile as z (before the da test: FFMA)
+        da = [lp for lp in rest if _feat(func, lp).get("FFMA", 0) or _feat(func, lp).get("MUFU", 0)]
+        xs = [lp for lp in rest if lp not in da]
         da, xs = _groups(func, da), _groups(func, xs)
         _staging(func, da, cb * (th + kc - 1) * (tw + k - 1) / threads,
                  _pick(func, da, V > 1, None if cl else ((tw + k - 1) % 32 == 0)))
-        _staging(func, xs, cb * th * tw / threads, _pick(func, xs, V > 1, None if cl else (tw % 32 == 0)))
+        if pro and p.get("prologue"):
+            _staging(func, xs + [pro], cb * th * tw / threads, pro)  # xs: none in a *_prologue_kernel
+        else:
+            _staging(func, xs, cb * th * tw / threads, _pick(func, xs, V > 1, None if cl else (tw % 32 == 0)))
         prev_u = 0
         for lp in lps:
             if lp in stage:

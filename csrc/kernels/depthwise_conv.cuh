@@ -12,7 +12,10 @@
 //     would not fit the shared-memory budget (large k); for k = 3, 5, 7, 9 the chunk is the
 //     whole kernel and the loops are unrolled at compile time (template argument K_);
 //   * an input-side prologue (p.pro_scale != nullptr, design.md 3.3) stages z = act(x) * s + t
-//     instead of x (load_tile_prologue), a runtime switch at staging, outside the FMA loops.
+//     instead of x (load_tile_prologue), outside the FMA loops, in kernels of its own
+//     (depthwise_{forward,backward}_prologue_kernel: the same bodies with PRO = true), so that the
+//     default kernels are the code they were before the prologue: a runtime switch at staging cost
+//     them 0.1-1.3% in sm_90 instructions (ptxas schedules and allocates the whole function).
 // The backward's transposed conv is the same correlation run over the da tile with the
 // flipped weights: dx[h, w] = sum_{i,j} w[i, j] * da[h + pt - i, w + pl - j].
 #pragma once
@@ -195,35 +198,37 @@ __device__ void load_tile(const DepthwiseParams& p, const SmemTile<Tile>& dst, i
 // pro_shift of x(n, c0 + c, h_begin + q, w_begin + v) (float32 math, the product and the sum each
 // rounded as torch's elementwise ops round them, then rounded to T: what a materialized z would
 // hold); zero outside the image and past the last channel, so the conv pads z with zeros, not with
-// act(0) * s + t. Once per staged element. A loop of its own (load_tile's scalar order) behind a
-// runtime switch, so that a launch without a prologue runs the staging and conv code it ran before
-// (the float16/bfloat16 channels_last forward sits at its 64-register bound: a second, vectorized
-// staging loop, or the prologue folded into load_tile's loops, made ptxas spill its epilogue).
+// act(0) * s + t. Once per staged element, scalar loads; channels_last: consecutive threads,
+// consecutive channels; NCHW: a warp per (channel, row), lanes over columns, as load_tile stages the
+// x tile (with load_tile's per-element index divisions ptxas spilled 8 B in the NCHW bf16/fp16
+// general-path forward). Only the *_prologue_kernel instances (PRO = true) stage through it.
 template <class Tile, typename T>
 __device__ void load_tile_prologue(const DepthwiseParams& p, const SmemTile<Tile>& dst, int n, int c0, int h_begin,
                                    int w_begin, int rows, int cols) {
   const T* x = static_cast<const T*>(p.x.data);
-  const int total = Tile::CB * rows * cols;
-  for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
-    int c, q, v;  // consecutive threads: consecutive channels (channels_last) or columns (NCHW)
-    if (Tile::kChannelsLast) {
-      c = e % Tile::CB;
-      const int pos = e / Tile::CB;
-      q = pos / cols;
-      v = pos % cols;
-    } else {
-      v = e % cols;
-      const int rest = e / cols;
-      q = rest % rows;
-      c = rest / rows;
+  auto z = [&](int cg, int h, int w) {
+    const float g = act_forward(p.pro_act, to_float(x[offset(p.x, n, cg, h, w)]));
+    return round_to<T>(add_rn(mul_rn(g, p.pro_scale[cg]), p.pro_shift[cg]));
+  };
+  if constexpr (Tile::kChannelsLast) {  // consecutive threads: consecutive channels
+    const int total = Tile::CB * rows * cols;
+    for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
+      const int c = e % Tile::CB, pos = e / Tile::CB;
+      const int q = pos / cols, v = pos % cols;
+      const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
+      dst.at(c, q, v) = (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) ? z(cg, h, w) : 0.f;
     }
-    const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
-    float z = 0.f;
-    if (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) {
-      const float g = act_forward(p.pro_act, to_float(x[offset(p.x, n, cg, h, w)]));
-      z = round_to<T>(add_rn(mul_rn(g, p.pro_scale[cg]), p.pro_shift[cg]));
+  } else {  // NCHW: a warp per (channel, row), lanes over columns
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int cq = warp; cq < Tile::CB * rows; cq += Tile::THREADS / 32) {
+      const int c = cq / rows, q = cq - c * rows;
+      const int h = h_begin + q, cg = c0 + c;
+      const bool row_ok = h >= 0 && h < p.H && cg < p.C;
+      for (int v = lane; v < cols; v += 32) {
+        const int w = w_begin + v;
+        dst.at(c, q, v) = (row_ok && w >= 0 && w < p.W) ? z(cg, h, w) : 0.f;
+      }
     }
-    dst.at(c, q, v) = z;
   }
 }
 
@@ -384,10 +389,8 @@ __device__ void write_tile_stats(const DepthwiseParams& p, const ConvPlan& plan,
 
 // training: a = dwconv(x) + b (stored in the activation dtype) and per-tile statistics of act(a);
 // eval:     y = act(a) * scale + shift + x, the whole block in one pass.
-template <class Tile, typename T, int K_>
-__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
-    depthwise_forward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
-                             const bool training) {
+template <class Tile, typename T, int K_, bool PRO>
+__device__ __forceinline__ void forward_body(const DepthwiseParams& p, const ConvPlan& plan, const bool training) {
   constexpr int RW = Tile::RW;
   const int KH = K_ > 0 ? K_ : p.KH;
   const int KW = K_ > 0 ? K_ : p.KW;
@@ -408,11 +411,12 @@ __global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
   for (int i0 = 0; i0 < KH; i0 += KC) {
     const int kc = imin(KC, KH - i0);
     __syncthreads();  // nobody still reads the previous chunk
-    const int xh = tp.h0 - p.pad_top + i0, xw = tp.w0 - p.pad_left;
-    if (p.pro_scale == nullptr)
-      load_tile<Tile, T>(p, xs, tp.n, c0, xh, xw, Tile::TH + kc - 1, Tile::TW + KW - 1, xval);
-    else  // the conv reads z = prologue(x)
-      load_tile_prologue<Tile, T>(p, xs, tp.n, c0, xh, xw, Tile::TH + kc - 1, Tile::TW + KW - 1);
+    if constexpr (PRO)  // the conv reads z = prologue(x)
+      load_tile_prologue<Tile, T>(p, xs, tp.n, c0, tp.h0 - p.pad_top + i0, tp.w0 - p.pad_left, Tile::TH + kc - 1,
+                                  Tile::TW + KW - 1);
+    else
+      load_tile<Tile, T>(p, xs, tp.n, c0, tp.h0 - p.pad_top + i0, tp.w0 - p.pad_left, Tile::TH + kc - 1,
+                         Tile::TW + KW - 1, xval);
     load_weights<Tile, T>(p, ws, c0, i0, kc, KH, KW, false);
     __syncthreads();
     conv_strip<Tile, K_>(acc, xs, ws, me.c, me.row, me.col0, kc, KW);
@@ -455,6 +459,22 @@ __global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
     for (int t = 0; t < RW; ++t) res[t] = act_forward(p.act, round_to<T>(acc[t] + bias)) * s + sh + res[t];
     store_strip<Tile, T>(static_cast<T*>(p.y.data) + offset(p.y, tp.n, c, h, w0), p.y.sw, valid, vec, res);
   }
+}
+
+template <class Tile, typename T, int K_>
+__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
+    depthwise_forward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
+                             const bool training) {
+  forward_body<Tile, T, K_, false>(p, plan, training);
+}
+
+// The same forward with the input-side prologue (p.pro_scale != nullptr; training only, the binding checks),
+// launched by launch_forward_tile when the params carry one: the default kernel above holds no prologue code.
+template <class Tile, typename T, int K_>
+__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
+    depthwise_forward_prologue_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
+                                      const bool /*training: always*/) {
+  forward_body<Tile, T, K_, true>(p, plan, true);
 }
 
 // ------------------------------------------------------------------ backward
@@ -532,9 +552,8 @@ __device__ __forceinline__ float db_accumulate(float db, const SmemTile<Tile>& d
 //           and writes them once at the end;
 //   otherwise (chunked kernels): per tile, each item adds its partial into dw_part (first tile:
 //           stores).
-template <class Tile, typename T, int K_, int DW_REGS>
-__global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
-    depthwise_backward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
+template <class Tile, typename T, int K_, int DW_REGS, bool PRO>
+__device__ __forceinline__ void backward_body(const DepthwiseParams& p, const ConvPlan& plan) {
   constexpr int RW = Tile::RW;
   constexpr int JB = K_ > 0 ? K_ : kTapBlock;
   // compile-time item layout of K_ > 0 (the plan computes the same row groups)
@@ -577,10 +596,10 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     const TilePos tp = tile_pos(plan, tile);
     __syncthreads();  // nobody still reads the previous tile
-    if (p.pro_scale == nullptr)
-      load_tile<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW, xval);
-    else  // dw = sum da * z (dx does not read the x tile)
+    if constexpr (PRO)  // dw = sum da * z (dx does not read the x tile)
       load_tile_prologue<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW);
+    else
+      load_tile<Tile, T>(p, xc, tp.n, c0, tp.h0, tp.w0, Tile::TH, Tile::TW, xval);
     float acc[RW];
 #pragma unroll
     for (int t = 0; t < RW; ++t) acc[t] = 0.f;
@@ -674,17 +693,37 @@ __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
   }
 }
 
+template <class Tile, typename T, int K_, int DW_REGS>
+__global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
+    depthwise_backward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
+  backward_body<Tile, T, K_, DW_REGS, false>(p, plan);
+}
+
+// The same backward with the input-side prologue (p.pro_scale != nullptr): its weight gradient reads z.
+template <class Tile, typename T, int K_, int DW_REGS>
+__global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
+    depthwise_backward_prologue_kernel(__grid_constant__ const DepthwiseParams p,
+                                       __grid_constant__ const ConvPlan plan) {
+  backward_body<Tile, T, K_, DW_REGS, true>(p, plan);
+}
+
 // ------------------------------------------------------------------ launchers
+
+template <class Tile, typename T, int K_>
+constexpr auto forward_kernel(bool prologue) {
+  return prologue ? depthwise_forward_prologue_kernel<Tile, T, K_> : depthwise_forward_kernel<Tile, T, K_>;
+}
 
 template <class Tile, typename T>
 const char* launch_forward_tile(const DepthwiseParams& p, const ConvPlan& plan, bool training, void* stream) {
   void (*kernel)(DepthwiseParams, ConvPlan, bool) = nullptr;
+  const bool pro = p.pro_scale != nullptr;
   switch (plan.kernel_k) {
-    case 3: kernel = depthwise_forward_kernel<Tile, T, 3>; break;
-    case 5: kernel = depthwise_forward_kernel<Tile, T, 5>; break;
-    case 7: kernel = depthwise_forward_kernel<Tile, T, 7>; break;
-    case 9: kernel = depthwise_forward_kernel<Tile, T, 9>; break;
-    default: kernel = depthwise_forward_kernel<Tile, T, 0>; break;
+    case 3: kernel = forward_kernel<Tile, T, 3>(pro); break;
+    case 5: kernel = forward_kernel<Tile, T, 5>(pro); break;
+    case 7: kernel = forward_kernel<Tile, T, 7>(pro); break;
+    case 9: kernel = forward_kernel<Tile, T, 9>(pro); break;
+    default: kernel = forward_kernel<Tile, T, 0>(pro); break;
   }
   if (const char* err = allow_smem(kernel, plan.smem_bytes)) return err;
   CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(plan.threads), plan.smem_bytes, stream, p, plan,
@@ -692,17 +731,24 @@ const char* launch_forward_tile(const DepthwiseParams& p, const ConvPlan& plan, 
   return launch_error();
 }
 
+template <class Tile, typename T, int K_, int DW_REGS>
+constexpr auto backward_kernel(bool prologue) {
+  return prologue ? depthwise_backward_prologue_kernel<Tile, T, K_, DW_REGS>
+                  : depthwise_backward_kernel<Tile, T, K_, DW_REGS>;
+}
+
 template <class Tile, typename T>
 const char* launch_backward_tile(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
-  void (*kernel)(DepthwiseParams, ConvPlan) = depthwise_backward_kernel<Tile, T, 0, 0>;
+  const bool pro = p.pro_scale != nullptr;
+  void (*kernel)(DepthwiseParams, ConvPlan) = backward_kernel<Tile, T, 0, 0>(pro);
   if constexpr (kDwRegItems<Tile> > 0)
-    if (plan.dw_in_registers) kernel = depthwise_backward_kernel<Tile, T, 0, kDwRegItems<Tile>>;
+    if (plan.dw_in_registers) kernel = backward_kernel<Tile, T, 0, kDwRegItems<Tile>>(pro);
   if constexpr (!std::is_same<Tile, ClBackwardLargeTile>::value) {  // the large tile only runs large kernels
     switch (plan.kernel_k) {
-      case 3: kernel = depthwise_backward_kernel<Tile, T, 3, 0>; break;
-      case 5: kernel = depthwise_backward_kernel<Tile, T, 5, 0>; break;
-      case 7: kernel = depthwise_backward_kernel<Tile, T, 7, 0>; break;
-      case 9: kernel = depthwise_backward_kernel<Tile, T, 9, 0>; break;
+      case 3: kernel = backward_kernel<Tile, T, 3, 0>(pro); break;
+      case 5: kernel = backward_kernel<Tile, T, 5, 0>(pro); break;
+      case 7: kernel = backward_kernel<Tile, T, 7, 0>(pro); break;
+      case 9: kernel = backward_kernel<Tile, T, 9, 0>(pro); break;
       default: break;
     }
   }
