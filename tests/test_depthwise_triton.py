@@ -463,3 +463,30 @@ def test_int64_offsets_cuda():
                                           p["bn_bias"], p["running_mean"], p["running_var"], False, 0.1, 1e-5,
                                           activation="gelu", padding="same")
     torch.testing.assert_close(y[:, :, -16:, -16:].float(), ref[:, :, -16:, -16:], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16, 8), (3, 11, 9, 13)])  # whole tiles (EVEN) and ragged ones
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_grad_sums_matches_float64_and_repeats_bitwise(shape, act):
+    """``grad_sums``: (sum dy, sum dy * xhat) per channel against float64, chunks spanning images (the
+    stepped tile counters wrap), both layouts and bf16; two runs bitwise identical."""
+    from convmixer_kernels.ops.batchnorm import MEAN, RSTD
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(act)
+    a = torch.randn(N, C, H, W, generator=g)
+    dy = torch.randn(N, C, H, W, generator=g)
+    stats = torch.zeros(6, C)
+    stats[MEAN] = torch.randn(C, generator=g) * 0.1
+    stats[RSTD] = torch.rand(C, generator=g) + 0.5
+    acts = [lambda t: torch.nn.functional.gelu(t), lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+            torch.relu]
+    for dtype in (torch.float32, torch.bfloat16):
+        a_, dy_ = a.to(dtype).double(), dy.to(dtype).double()
+        xhat = (acts[act](a_) - stats[MEAN].double()[None, :, None, None]) * stats[RSTD].double()[None, :, None, None]
+        ref = torch.stack([dy_.sum((0, 2, 3)), (dy_ * xhat).sum((0, 2, 3))])
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            args = (dy.to(DEVICE, dtype).contiguous(memory_format=fmt), a.to(DEVICE, dtype).contiguous(memory_format=fmt),
+                    stats.to(DEVICE), act)
+            got = TD.grad_sums(*args)
+            torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-3)
+            assert torch.equal(got, TD.grad_sums(*args))

@@ -288,29 +288,67 @@ def _apply_kernel(x_ptr, a_ptr, y_ptr, scale_ptr, shift_ptr, C, H, W, tiles_w, t
 @triton.jit
 def _reduce_kernel(dy_ptr, a_ptr, mean_ptr, rstd_ptr, part_ptr, C, H, W, n_items, items_per_chunk,
                    tiles_w, tiles_per_img, sgn, sgc, sgh, sgw, son, soc, soh, sow, ACT: tl.constexpr,
-                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+                   EVEN: tl.constexpr = False):
     """Per-chunk sum(dy) and sum(dy * xhat), xhat = (act(a) - mean) * rstd, into partials [chunks, 2, C]:
-    program (chunk, cb) adds its tiles elementwise in registers, in order, and reduces once at the end."""
+    program (chunk, cb) adds its tiles elementwise in registers, in order, and reduces once at the end.
+    sum dy * xhat is rstd * sum dy * (act(a) - mean) (one multiply per channel, not per element); masked
+    lanes load dy = 0 and need no select (EVEN: H, W, C multiples of the tile, no masks). The in-tile
+    offsets are loop-invariant (each tile adds a scalar base) and the chunk's consecutive tiles step
+    (image, tile row, tile column) counters instead of dividing per tile."""
     chunk = tl.program_id(0)
     cb = tl.program_id(1)
     cl = tl.arange(0, BLOCK_C)
     cc = cb * BLOCK_C + cl
-    mean = tl.load(mean_ptr + cc, mask=cc < C, other=0.0)
-    rstd = tl.load(rstd_ptr + cc, mask=cc < C, other=0.0)
+    cmask = cc < C
+    mean = tl.load(mean_ptr + cc, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + cc, mask=cmask, other=0.0)
+    p = tl.arange(0, TH * TW)
+    ph = p // TW
+    pw = p % TW
+    c = cc
+    if INT64:
+        ph = ph.to(tl.int64)
+        pw = pw.to(tl.int64)
+        c = c.to(tl.int64)
+    off_g = (ph * sgh + pw * sgw)[:, None] + (c * sgc)[None, :]
+    off_o = (ph * soh + pw * sow)[:, None] + (c * soc)[None, :]
     s_dy = tl.zeros((TH * TW, BLOCK_C), dtype=tl.float32)
-    s_dyx = tl.zeros((TH * TW, BLOCK_C), dtype=tl.float32)
+    s_dyg = tl.zeros((TH * TW, BLOCK_C), dtype=tl.float32)
     first = chunk * items_per_chunk
     last = tl.minimum(first + items_per_chunk, n_items)
+    # the chunk's tiles are consecutive: (image, tile row, tile column) stepped, not divided per tile
+    tiles_h = tiles_per_img // tiles_w
+    n_i = first // tiles_per_img
+    t = first % tiles_per_img
+    th_i = t // tiles_w
+    tw_i = t % tiles_w
     for item in range(first, last):
-        n, h, w, c, pmask, cmask = _tile(item, cb, C, H, W, tiles_w, tiles_per_img, TH, TW, BLOCK_C, INT64)
-        mask = pmask[:, None] & cmask[None, :]
-        dy = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw), mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + _offsets(n, h, w, c, son, soc, soh, sow), mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (act_fwd(a, ACT) - mean[None, :]) * rstd[None, :], 0.0)
-        s_dy += dy
-        s_dyx += dy * xhat
-    tl.store(part_ptr + chunk * 2 * C + cc, tl.sum(s_dy, axis=0), mask=cc < C)
-    tl.store(part_ptr + (chunk * 2 + 1) * C + cc, tl.sum(s_dyx, axis=0), mask=cc < C)
+        n = n_i
+        h0 = th_i * TH
+        w0 = tw_i * TW
+        if INT64:
+            n = n.to(tl.int64)
+            h0 = h0.to(tl.int64)
+            w0 = w0.to(tl.int64)
+        if EVEN:  # whole tiles and channel blocks: no masks
+            dy = tl.load(dy_ptr + (n * sgn + h0 * sgh + w0 * sgw) + off_g).to(tl.float32)
+            a = tl.load(a_ptr + (n * son + h0 * soh + w0 * sow) + off_o).to(tl.float32)
+        else:
+            mask = ((h0 + ph < H) & (w0 + pw < W))[:, None] & cmask[None, :]
+            dy = tl.load(dy_ptr + (n * sgn + h0 * sgh + w0 * sgw) + off_g, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + (n * son + h0 * soh + w0 * sow) + off_o, mask=mask, other=0.0).to(tl.float32)
+        s_dy += dy  # masked lanes loaded as 0
+        s_dyg += dy * (act_fwd(a, ACT) - mean[None, :])
+        tw_i += 1
+        wrap = tw_i == tiles_w
+        tw_i = tl.where(wrap, 0, tw_i)
+        th_i = tl.where(wrap, th_i + 1, th_i)
+        wrap = th_i == tiles_h
+        th_i = tl.where(wrap, 0, th_i)
+        n_i = tl.where(wrap, n_i + 1, n_i)
+    tl.store(part_ptr + chunk * 2 * C + cc, tl.sum(s_dy, axis=0), mask=cmask)
+    tl.store(part_ptr + (chunk * 2 + 1) * C + cc, tl.sum(s_dyg, axis=0) * rstd, mask=cmask)
 
 
 @triton.jit
@@ -876,7 +914,9 @@ def grad_sums(dy, a, stats, act: int):
     part = empty((chunks, 2, C), dtype=torch.float32, device=a.device)
     _reduce_kernel[(chunks, cblocks)](dy, a, stats[MEAN], stats[RSTD], part, C, H, W, n_items, per_chunk, tiles_w,
                                       tiles_per_img, *_strides(dy), *_strides(a), ACT=act, TH=cfg.th, TW=cfg.tw,
-                                      BLOCK_C=cfg.block_c, INT64=needs_int64(dy, a), num_warps=cfg.num_warps)
+                                      BLOCK_C=cfg.block_c, INT64=needs_int64(dy, a),
+                                      EVEN=H % cfg.th == 0 and W % cfg.tw == 0 and C % cfg.block_c == 0,
+                                      num_warps=cfg.num_warps)
     return sum_rows(part)
 
 
