@@ -46,8 +46,11 @@ _MANTISSA = {torch.float32: 23, torch.bfloat16: 7}
 
 @pytest.fixture(autouse=True)
 def _fixed_launches(monkeypatch):
-    """The same tiles and persistent grid for every launch of a comparison (with and without a prologue)."""
+    """The same tiles and persistent grid for every launch of a comparison (with and without a prologue), and
+    the same path: a prologue runs on the CUDA-core kernels, so the materialized z is fed to them too (half
+    types would otherwise take the tensor-core path, ops/triton/depthwise.py ``_path``)."""
     monkeypatch.setenv("CONVMIXER_KERNELS_AUTOTUNE", "0")
+    monkeypatch.setenv("CONVMIXER_KERNELS_DW_PATH", "cuda_cores")
     monkeypatch.setattr(TD, "_resident", lambda kernel, key, args, meta, device: 4 * TC.num_sms(device))
     if TC.interpreting(DEVICE):
         cfg = TD.TileConfig(4, 4, 4, 1)

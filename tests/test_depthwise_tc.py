@@ -30,8 +30,9 @@ pytestmark = pytest.mark.skipif("triton" not in backends_under_test(D.OP),
 # (shape, k): odd and even k, partial row blocks and W-tiles, k = 13 larger than a 6x6 map, and a shape whose
 # tiles are all full (the kernels' EVEN specialization: no channel/row/column masks, at the interpreter's
 # 2 channels x 16 rows x 16 columns; the weight gradient's 16-row steps inside one image)
-CASES = [((2, 3, 9, 11), 7), ((2, 3, 9, 11), 8), ((1, 3, 7, 18), 9), ((1, 2, 6, 6), 13), ((2, 4, 16, 16), 9)]
-IDS = ["k7", "k8", "k9-two-w-tiles", "k13-over-6x6", "k9-even-tiles"]
+CASES = [((2, 3, 9, 11), 7), ((2, 3, 9, 11), 8), ((1, 3, 7, 18), 9), ((1, 2, 6, 6), 13), ((2, 3, 5, 7), 3),
+         ((2, 3, 5, 7), 4), ((2, 4, 16, 16), 9)]
+IDS = ["k7", "k8", "k9-two-w-tiles", "k13-over-6x6", "k3", "k4", "k9-even-tiles"]
 LAYOUTS = ["nchw", "channels_last"]
 
 
@@ -193,8 +194,8 @@ def test_unsupported_and_choice():
     assert TC.tc_unsupported(x, w9) is None and TC.choose_path(x, w9) == "tc"
     assert "dtype" in TC.tc_unsupported(x.float(), w9.float())
     assert TC.choose_path(x.float(), w9.float()) == "cuda_core"
-    w5 = torch.empty(4, 1, 5, 5, dtype=torch.bfloat16)
-    assert "kernel" in TC.tc_unsupported(x, w5) and TC.choose_path(x, w5) == "cuda_core"
+    w1 = torch.empty(4, 1, 1, 1, dtype=torch.bfloat16)
+    assert "kernel" in TC.tc_unsupported(x, w1) and TC.choose_path(x, w1) == "cuda_core"
     assert TC.tc_unsupported(x.half(), w9.half()) is None
 
 
@@ -232,24 +233,24 @@ def _path_records(caplog):
 
 
 def test_auto_path_choice_is_logged_once(path_env, caplog):
-    """auto: tensor cores for bf16/fp16 with k >= 7; CUDA cores for fp32, k < 7, or a prologue, each with
+    """auto: tensor cores for bf16/fp16 with k >= 2; CUDA cores for fp32, k = 1, or a prologue, each with
     its reason, logged at INFO once per (shape, dtype, layout, k, prologue, request)."""
     x = torch.empty(2, 4, 8, 8, dtype=torch.bfloat16)
     w9 = torch.empty(4, 1, 9, 9, dtype=torch.bfloat16)
-    w5 = torch.empty(4, 1, 5, 5, dtype=torch.bfloat16)
+    w1 = torch.empty(4, 1, 1, 1, dtype=torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="convmixer_kernels"):
         assert TD._path(x, w9) == "tensor_cores"
         assert TD._path(x.half(), w9.half()) == "tensor_cores"
         assert TD._path(x, torch.empty(4, 1, 7, 7, dtype=torch.bfloat16)) == "tensor_cores"
         assert TD._path(x.float(), w9.float()) == "cuda_cores"
-        assert TD._path(x, w5) == "cuda_cores"
+        assert TD._path(x, w1) == "cuda_cores"
         assert TD._path(x, w9, _pro(4)) == "cuda_cores"
         logged = _path_records(caplog)
         assert len(logged) == 6 and all(r.levelno == logging.INFO for r in caplog.records
                                         if "path for input" in r.getMessage())
         assert "tensor_cores path" in logged[0] and "choose_path" in logged[0] and "(9, 9)" in logged[0]
         assert "cuda_cores path" in logged[3] and "dtype torch.float32" in logged[3]
-        assert "cuda_cores path" in logged[4] and "kernel 5x5" in logged[4]
+        assert "cuda_cores path" in logged[4] and "kernel 1x1" in logged[4]
         assert "cuda_cores path" in logged[5] and "prologue" in logged[5]
         assert TD._path(x, w9) == "tensor_cores" and TD._path(x, w9, _pro(4)) == "cuda_cores"
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -285,8 +286,8 @@ def test_forcing_tensor_cores_on_an_unsupported_call_raises(path_env):
     w9 = torch.empty(4, 1, 9, 9, dtype=torch.bfloat16)
     with pytest.raises(backends.BackendUnavailableError, match="tensor_cores.*dtype torch.float32"):
         TD._path(x.float(), w9.float())
-    with pytest.raises(backends.BackendUnavailableError, match="kernel 3x3"):
-        TD._path(x, torch.empty(4, 1, 3, 3, dtype=torch.bfloat16))
+    with pytest.raises(backends.BackendUnavailableError, match="kernel 1x1"):
+        TD._path(x, torch.empty(4, 1, 1, 1, dtype=torch.bfloat16))
     with pytest.raises(backends.BackendUnavailableError, match="prologue"):
         TD._path(x, w9, _pro(4))
     # the launchers raise before launching anything
@@ -336,7 +337,7 @@ def test_prologue_takes_cuda_cores(path_env, tc_calls):
 ], ids=["auto-bf16-cl-k9", "auto-fp16-nchw-k8", "cuda_cores-bf16-cl-k9"])
 def test_block_through_the_backend_on_each_path(path_env, tc_calls, caplog, path, dtype, layout, k):
     """The whole block (train step, then eval) through the registry's Triton backend, the path chosen by
-    ops/triton/depthwise.py itself: auto takes tensor cores for half dtypes at k >= 7, the forced path
+    ops/triton/depthwise.py itself: auto takes tensor cores for half dtypes at k >= 2, the forced path
     does not."""
     path_env(path)
     with caplog.at_level(logging.INFO, logger="convmixer_kernels"):

@@ -3,7 +3,7 @@
 Two paths for the conv work, chosen per call in one place, ``_path(x, weight, prologue)``:
 
 * "cuda_cores": this file's kernels (below), any dtype, any k, with or without an input-side prologue;
-* "tensor_cores": ``depthwise_tc.py`` (Toeplitz GEMMs on tensor cores), bf16/fp16 with k >= 7, no prologue.
+* "tensor_cores": ``depthwise_tc.py`` (Toeplitz GEMMs on tensor cores), bf16/fp16 with k >= 2, no prologue.
 
 ``conv_stats``, ``conv_apply`` and ``input_grad`` ask ``_path`` and delegate to ``depthwise_tc`` on the
 tensor-core path; ``finalize``, ``apply`` and ``grad_sums`` are shared (the tensor-core partials have one
@@ -783,7 +783,7 @@ def _path(x: torch.Tensor, weight: torch.Tensor, prologue: Optional[Affine] = No
     """"tensor_cores" (``depthwise_tc.py``) or "cuda_cores" (this file's kernels) for one call of ``conv_stats``,
     ``conv_apply`` or ``input_grad``: the one place the Triton backend chooses its depthwise path.
 
-    "auto": ``depthwise_tc.choose_path`` (the static sm_90 rule: tensor cores for bf16/fp16 with k >= 7),
+    "auto": ``depthwise_tc.choose_path`` (the static sm_90 rule: tensor cores for bf16/fp16 with k >= 2),
     except that a ``prologue`` always takes the CUDA cores (the tensor-core kernels have none).
     ``CONVMIXER_KERNELS_DW_PATH`` forces a path; forcing "tensor_cores" on a call they cannot run raises
     ``BackendUnavailableError`` naming why. The choice and its reason are logged at INFO once per
