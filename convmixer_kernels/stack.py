@@ -9,10 +9,10 @@ official model's ``3.0.fn.0.weight``, timm's ``blocks.0.0.fn.0.weight``); only i
 * ``"normal"`` (the default): the layers run one by one, each block fused (the fastest by the static
   model: a layer keeps x, a, r, p — 4 activations against eager's 6);
 * ``"low"``: a run of ``FusedConvMixerLayer`` children runs as one fused stack that keeps only a and p per
-  layer (about 0.4x eager's saved bytes), for ~7% more predicted time: its backward re-materializes z and r
+  layer (about 0.4x eager's saved bytes), for ~9% more predicted time (1536/20 k9): its backward re-materializes z and r
   (``ops/layer_stack.py``, ``fold_plan``: folding them into the kernels' prologues costs more, because the
   activation is recomputed for every re-read);
-* ``"lowest"``: the stack keeps only p and also recomputes the depthwise conv (about 0.2x, ~16% more time).
+* ``"lowest"``: the stack keeps only p and also recomputes the depthwise conv (about 0.2x, ~19% more time).
 
 The stack runs when every BatchNorm in the run normalizes with batch statistics (training) and a fused
 backend takes the call; otherwise — eval (two kernels per layer there already), hooks, a structure that

@@ -27,8 +27,9 @@ NEEDS_TOOLS = pytest.mark.skipif(bool(_tools), reason=f"{' and '.join(_tools)} n
                                  "needs triton's bundled ptxas/cuobjdump or the CUDA toolkit")
 
 
-def _inspect(*args, timeout=600) -> dict:
+def _inspect(*args, timeout=600, env_extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra or {})
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-m", "convmixer_kernels", "inspect", "--backend", "triton", "--json", "-",
                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -38,8 +39,10 @@ def _inspect(*args, timeout=600) -> dict:
 
 @pytest.fixture(scope="module")
 def small():
+    # the CUDA-core depthwise kernels (bf16 k=5 would take the tensor-core path, whose launches the paper-shape
+    # test below covers): the hand-counted floors here are theirs
     return _inspect("--dim", "64", "--depth", "2", "--batch", "2", "--image-size", "16", "--patch-size", "2",
-                    "--kernel-size", "5")
+                    "--kernel-size", "5", env_extra={"CONVMIXER_KERNELS_DW_PATH": "cuda_cores"})
 
 
 KERNEL_FIELDS = {"registers", "spill_bytes", "smem_bytes", "blocks_per_sm", "occupancy", "mix_per_warp",
