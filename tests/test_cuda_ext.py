@@ -750,3 +750,34 @@ def test_static_prologue_lives_in_its_own_kernels(k, layout):
                 assert pro and pro[0].trip > 0, l.instance
             else:
                 assert not pro, f"{l.instance} holds the prologue's staging loop"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_static_cuda_missing()), reason=f"static CUDA inspection: {_static_cuda_missing()}")
+def test_static_default_kernels_are_compiled_per_activation():
+    """The default kernels take the activation (and the forward its training/eval epilogue) as template arguments:
+    each launch is an instance holding only the code it runs. With the runtime switch every per-element loop held all
+    three activations (sm_90, 1536/20 bf16 channels_last apply: 627 instructions per 8 elements, 327 with GELU alone);
+    here a ReLU instance's elementwise loops hold no special-function (MUFU) instruction while GELU's do, every loop
+    has a role, and no default instance spills. Static sm_90 (nvcc, no GPU)."""
+    from convmixer_kernels.ops.activation import ACT_CODE
+    from convmixer_kernels.static import cuda_plans, report
+
+    launches = {}
+    for act in ACT_CODE:
+        shape = report.Workload(kernel_size=9, activation=act).shape()
+        ls, pl = cuda_plans.launches(shape, "bf16")
+        launches[act] = (shape, pl, [l for l in ls if l.role != "combine"])
+    compiled = cuda_plans.compile_instances([l.instance for _, _, ls in launches.values() for l in ls])
+    for act, (shape, pl, ls) in launches.items():
+        fwd = [l for l in ls if l.role == "forward"]
+        assert [l.instance.endswith(", true>") for l in fwd] == [True, False], [l.instance for l in fwd]
+        for l in ls:
+            assert f"StaticAct<(Act){ACT_CODE[act]}>" in l.instance, l.instance
+            c, func = compiled[l.instance]
+            assert cuda_plans.cuda_trips(func, l, shape, pl["vec_ok"]), f"{l.instance}: a loop without a role"
+            assert c.resources.spill_bytes == 0, f"{l.instance} spills {c.resources.spill_bytes} B"
+            if l.role in ("apply", "grad_reduce"):
+                (loop,) = [lp for lp in func.loops if lp.trip > 1]  # the per-position loop
+                mufu = sum(1 for ins in func.instrs if loop.start <= ins.addr <= loop.end and ins.cls == "MUFU")
+                assert (mufu == 0) == (act == "relu"), f"{l.instance}: {mufu} MUFU in its loop"

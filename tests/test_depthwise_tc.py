@@ -348,3 +348,33 @@ def test_block_through_the_backend_on_each_path(path_env, tc_calls, caplog, path
     assert on_tc or sum(tc_calls.values()) == 0
     logged = _path_records(caplog)
     assert logged and all(("tensor_cores path" if on_tc else "cuda_cores path") in m for m in logged), logged
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 16, 8, 8), (2, 12, 7, 9)], ids=["even", "ragged"])
+def test_da_kernel_training_even_and_masked(shape, layout):
+    """pre_activation_grad with the batch-statistics terms (GELU): da = act'(a) * (k1 (dy - mean_dy) + k2 (act(a) -
+    mean)) and db = sum of the stored da, against float64; the even shape runs the unmasked EVEN specialization
+    (H, W, C multiples of the tile), the ragged one the masked kernel. bf16 storage: da within the dtype's rounding
+    of the float64 value, db within the sum of those roundings."""
+    N, C, H, W = shape
+    cfg = TC.da_config(H, W, C, layout == "channels_last", DEVICE)
+    even = H % cfg.th == 0 and W % cfg.tw == 0 and C % cfg.block_c == 0
+    assert even == (shape == (2, 16, 8, 8))
+    dy = _t(shape, 11, torch.bfloat16, layout)
+    a = _t(shape, 12, torch.bfloat16, layout)
+    g = torch.Generator().manual_seed(13)
+    coef = (torch.rand(4, C, generator=g) + 0.5).to(DEVICE)
+    da, db = TC.pre_activation_grad(dy, a, coef, ACT_CODE["gelu"], True)
+    _finite(da, db)
+    assert da.dtype == torch.bfloat16 and da.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    a64, dy64 = a.double(), dy.double()
+    k1, k2, mdy, mean = (coef[i].double()[None, :, None, None] for i in range(4))
+    a_req = a64.clone().requires_grad_(True)
+    (dact,) = torch.autograd.grad(activation_reference(a_req, "gelu").sum(), a_req)
+    t1, t2 = k1 * (dy64 - mdy), k2 * (activation_reference(a64, "gelu") - mean)
+    ref = dact * (t1 + t2)
+    err = (da.double() - ref).abs()
+    fp32_slack = 1e-6 * dact.abs() * (t1.abs() + t2.abs())  # float32 arithmetic on cancelling terms
+    assert (err <= ref.abs() * 2 ** -8 + fp32_slack).all(), (err - ref.abs() * 2 ** -8).max()
+    torch.testing.assert_close(db.double(), da.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)

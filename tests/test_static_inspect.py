@@ -216,6 +216,24 @@ def test_eager_traffic_counter_by_hand():
     assert b["gelu_backward"] == (2 * unit, unit) and b["convolution_backward"][1] == unit + C * k * k * 2 + C * 2
 
 
+def test_eager_roofline_by_hand():
+    """Eager at its roofline: each op at max(bytes / DRAM, arithmetic / its units' peak), the 1x1 conv on tensor
+    cores (backward: two GEMMs), the depthwise conv on fp32 FMA (backward: dx and dw), elementwise ops bytes only."""
+    s = Shape(batch=64, dim=1536, size=32, kernel_size=9, dtype=torch.bfloat16)
+    M, C = 64 * 32 * 32, 1536
+    eager = {"dw_block": {"forward": {"ops": [("convolution", 10, 20), ("gelu", 43e5, 0)]},
+                          "backward": {"ops": [("convolution_backward", 1, 1)]}},
+             "pw_block": {"forward": {"ops": [("convolution", 86e10, 0)]},
+                          "backward": {"ops": [("convolution_backward", 0, 2)]}}}
+    r = traffic.eager_roofline(eager, s, H200)
+    dw_fma = 2.0 * M * C * 81 / 67e12 * 1e6
+    gemm = 2.0 * M * C * C / 788e12 * 1e6
+    assert r["dw_block"]["forward"] == pytest.approx(dw_fma + 1.0)  # compute-bound conv + 1 us of GELU traffic
+    assert r["dw_block"]["backward"] == pytest.approx(2 * dw_fma)
+    assert r["pw_block"]["forward"] == pytest.approx(max(gemm, 86e10 / 4.3e12 * 1e6)) == pytest.approx(200e3)
+    assert r["pw_block"]["backward"] == pytest.approx(2 * gemm)
+
+
 def test_saved_bytes_by_hand():
     """Eager depthwise block: conv saves x, GELU saves the conv output, BN its input and 2 fp32 stats."""
     s = Shape(batch=2, dim=8, size=6, kernel_size=3, dtype=torch.bfloat16)
@@ -309,7 +327,9 @@ def test_cuda_kernels_of_a_small_workload_get_predicted_times(cuda_cache):
         assert k["predicted_us"] == pytest.approx(max(k["issue_us"], k["fma_us"], k["tensor_us"], k["dram_us"]))
         assert 0 < k["roofline_pct"] <= 100.0 + 1e-6 and k["blocks_per_sm"] >= 1 and k["spill_bytes"] == 0
     assert ks[0]["grid"][0] == plans["forward"]["blocks"] and ks[-1]["grid"][0] == plans["backward"]["blocks"]
-    assert ks[0]["instance"] == "depthwise_forward_kernel<Tile<true, 32, 8, 16, 16>, __nv_bfloat16, 5>"
+    # the activation and the training/eval epilogue are compile-time: each launch is the instance it runs
+    assert ks[0]["instance"] == "depthwise_forward_kernel<Tile<true, 32, 8, 16, 16>, __nv_bfloat16, 5, StaticAct<(Act)0>, true>"
+    assert ks[1]["instance"] == "depthwise_forward_kernel<Tile<true, 32, 8, 16, 16>, __nv_bfloat16, 5, StaticAct<(Act)0>, false>"
     conv = ks[0]
     assert conv["useful_fma"] == 2 * 64 * 8 * 8 * 25 and conv["mix_per_warp"]["FFMA"] > 0
     blocks = {b["phase"]: b for b in r["blocks"] if b.get("backend") == "cuda"}

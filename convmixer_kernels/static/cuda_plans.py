@@ -152,7 +152,7 @@ def plans(N, C, H, W, KH, KW, dtype="bf16", channels_last=True, vec_ok=None, num
 class CudaLaunch:
     phase: str  # "forward (training)", "forward (eval)", "backward"
     kernel: str  # short name, e.g. depthwise_backward_kernel
-    instance: str  # the C++ template-id, e.g. depthwise_backward_kernel<Tile<true, 16, 16, 16, 16>, __nv_bfloat16, 9, 0>
+    instance: str  # the C++ template-id, e.g. depthwise_backward_kernel<Tile<true, 16, 16, 16, 16>, __nv_bfloat16, 9, 0, StaticAct<(Act)0>>
     blocks: int
     threads: int
     smem: int
@@ -172,19 +172,26 @@ def launches(shape, dtype: str, prologue: bool = False) -> (List[CudaLaunch], di
     forward and the backward run the *_prologue_kernel instances (plan["prologue"] true), there is no eval
     forward. The default (False) is what inspect and the static results predict."""
     N, C, H, k, cl = shape.batch, shape.dim, shape.size, shape.kernel_size, shape.channels_last
+    from convmixer_kernels.ops.activation import ACT_CODE
+
     pl = plans(N, C, H, H, k, k, dtype, cl)
     T = CTYPES[dtype]
+    act = f"StaticAct<(Act){ACT_CODE[shape.activation]}>"  # the default kernels' compile-time activation
     f, b, e = pl["forward"], pl["backward"], pl["elementwise"]
     out = []
-    fwd = "depthwise_forward_prologue_kernel" if prologue else "depthwise_forward_kernel"
-    fwd_inst = f"{fwd}<{_tile(f['tile'])}, {T}, {f['kernel_k']}>"
     for phase in ("forward (training)",) if prologue else ("forward (training)", "forward (eval)"):
+        training = phase.endswith("(training)")
+        if prologue:  # one instance, runtime activations, training only
+            fwd, fwd_inst = "depthwise_forward_prologue_kernel", f"depthwise_forward_prologue_kernel<{_tile(f['tile'])}, {T}, {f['kernel_k']}>"
+        else:
+            fwd = "depthwise_forward_kernel"
+            fwd_inst = f"{fwd}<{_tile(f['tile'])}, {T}, {f['kernel_k']}, {act}, {'true' if training else 'false'}>"
         out.append(CudaLaunch(phase, fwd, fwd_inst, f["blocks"], f["threads"], f["smem_bytes"], "forward",
-                              dict(f, training=phase.endswith("(training)"), prologue=prologue), f["error"]))
+                              dict(f, training=training, prologue=prologue), f["error"]))
     comb_blocks = -(-C // 32)
     out.append(CudaLaunch("forward (training)", "batchnorm_combine_kernel", "batchnorm_combine_kernel", comb_blocks, 1024,
                           32 * 3 * 32 * 4, "combine", {"tiles": f["tiles"], "C": C}, f["error"]))
-    ew = f"{T}, {e['vec']}"
+    ew = f"{T}, {e['vec']}, {act}"
     out.append(CudaLaunch("forward (training)", "depthwise_apply_kernel", f"depthwise_apply_kernel<{ew}>", e["blocks"],
                           e["threads"], 0, "apply", e))
     out.append(CudaLaunch("backward", "depthwise_grad_reduce_kernel", f"depthwise_grad_reduce_kernel<{ew}>", e["blocks"],
@@ -194,7 +201,8 @@ def launches(shape, dtype: str, prologue: bool = False) -> (List[CudaLaunch], di
         regs = pl["dw_reg_items_large"] if b["tile"][0] else pl["dw_reg_items_nchw"]
     bwd_k = 0 if b["large_tile"] else b["kernel_k"]
     bwd = "depthwise_backward_prologue_kernel" if prologue else "depthwise_backward_kernel"
-    out.append(CudaLaunch("backward", bwd, f"{bwd}<{_tile(b['tile'])}, {T}, {bwd_k}, {regs}>", b["blocks"],
+    bwd_inst = f"{bwd}<{_tile(b['tile'])}, {T}, {bwd_k}, {regs}" + ("" if prologue else f", {act}") + ">"
+    out.append(CudaLaunch("backward", bwd, bwd_inst, b["blocks"],
                           b["threads"], b["smem_bytes"], "backward", dict(b, dw_regs=regs, prologue=prologue),
                           b["error"]))
     return out, pl
@@ -204,7 +212,10 @@ def launches(shape, dtype: str, prologue: bool = False) -> (List[CudaLaunch], di
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"\s+", "", name.replace("cmk::", "")).split("(")[0].replace("void", "", 1)
+    """A demangled kernel name without spaces, namespace, return type and argument list (template arguments such
+    as StaticAct<(Act)0> hold parentheses of their own: a template-id ends at its first '>(')."""
+    n = re.sub(r"\s+", "", name.replace("cmk::", "")).replace("void", "", 1)
+    return n[:n.index(">(") + 1] if ">(" in n else n.split("(")[0]
 
 
 def compile_instances(instances: List[str]) -> Dict[str, object]:

@@ -144,3 +144,36 @@ def eager_saved(op: str, shape) -> Tuple[int, int]:
     m.train(True)
     x.requires_grad_(True)
     return saved_bytes(lambda: m(x), exclude=tuple(m.parameters()) + tuple(m.buffers()))
+
+
+# Which counted op carries which arithmetic: the convolutions (everything else is memory-bound elementwise work).
+def _conv_work(op: str, block: str, shape) -> Tuple[float, str]:
+    """(flops, unit) of one eager conv op: 1x1 convs are GEMMs on tensor cores; the depthwise conv runs on fp32
+    FMA units in eager PyTorch (cuDNN's depthwise path and the native kernel use no tensor cores)."""
+    pixels = shape.batch * shape.size * shape.size
+    if block == "pw_block":
+        gemm = 2.0 * pixels * shape.dim * shape.dim
+        return (gemm if op == "convolution" else 2 * gemm), "tensor"  # backward: dx and dW
+    fma = 2.0 * pixels * shape.dim * shape.kernel_size ** 2
+    return (fma if op == "convolution" else 2 * fma), "fma"
+
+
+def eager_roofline(eager: Dict[str, Dict[str, dict]], shape, ceilings) -> Dict[str, Dict[str, float]]:
+    """Eager's block phases at their roofline, in us: every counted op at max(its bytes / DRAM bandwidth, its
+    arithmetic at the ceiling of the units it runs on). A lower bound on any eager run of these ops (real kernels
+    are slower, BatchNorm's statistics read their input twice): a speedup measured against it is a lower bound on
+    the speedup over eager."""
+    out: Dict[str, Dict[str, float]] = {}
+    for block, phases in eager.items():
+        out[block] = {}
+        for phase, v in phases.items():
+            total = 0.0
+            for op, read, written in v["ops"]:
+                t = (read + written) / ceilings.dram_bytes_per_s
+                if op in ("convolution", "convolution_backward"):
+                    flops, unit = _conv_work(op, block, shape)
+                    rate = ceilings.tensor_bf16_flops if unit == "tensor" else ceilings.fma_fp32_flops
+                    t = max(t, flops / rate)
+                total += t
+            out[block][phase] = total * 1e6
+    return out

@@ -18,6 +18,8 @@
 //     them 0.1-1.3% in sm_90 instructions (ptxas schedules and allocates the whole function).
 // The backward's transposed conv is the same correlation run over the da tile with the
 // flipped weights: dx[h, w] = sum_{i,j} w[i, j] * da[h + pt - i, w + pl - j].
+// The activation (ActFn, common.cuh) and the forward's training/eval epilogue are template arguments of
+// the default kernels: each instance holds only the code it runs (launchers dispatch once, on the host).
 #pragma once
 
 #include <type_traits>
@@ -95,14 +97,15 @@ struct InputValue {
 // Values staged into the da tiles: da = dg * act'(a), dg from dy and act(a) (design.md 3.1).
 // The per-channel coefficients come from a [4][cb] table in shared memory (coef_dy, coef_g,
 // mean, coef_const of channels c0 ..), filled once per block by load_coefficients.
-template <typename T>
+template <typename T, class ActFn>
 struct GradPreactValue {
   const DepthwiseParams& p;
   const float* coef;
   int c0, cb;
+  ActFn act;
   __device__ __forceinline__ float at(int c, float dy, float a) const {
     const int k = c - c0;
-    const ActPair g = act_both(p.act, a);
+    const ActPair g = act.both(a);
     float dg = coef[k] * dy;
     if (p.batch_stats_grad) dg += coef[cb + k] * (g.g - coef[2 * cb + k]) + coef[3 * cb + k];
     return dg * g.dg;
@@ -312,11 +315,16 @@ __device__ __forceinline__ void conv_strip(float (&acc)[Tile::RW], const SmemTil
 // Blocks per SM the register budget must allow (ptxas then fits them without spills, checked
 // with -Xptxas -v): the backward two 256-thread blocks (128 registers: its dW accumulators live
 // across tiles); the forward 64 registers (the occupancy it had before the hint), except the
-// float32 NCHW forward, whose 16-output vector epilogue spills at 64 (six blocks: 85).
+// float32 NCHW forward, whose 16-output vector epilogue spills at 64 (five blocks: 102; with six,
+// 80 registers, the ReLU training instances spilled 16 B), and two
+// channels_last forwards with three blocks (85): k = 9, whose 62.9 KB tile fits only three per SM
+// anyway, and the general path's eval instances (8 B spilled at 64 where the kernel rows are chunked).
 template <class Tile>
 constexpr int kMinBlocks = 512 / Tile::THREADS;
-template <class Tile, typename T>
-constexpr int kForwardMinBlocks = (Tile::kChannelsLast || sizeof(T) < 4 ? 1024 : 768) / Tile::THREADS;
+template <class Tile, typename T, int K_, bool TRAINING>
+constexpr int kForwardMinBlocks =
+    (Tile::kChannelsLast ? (K_ == 9 || (K_ == 0 && !TRAINING) ? 768 : 1024) : sizeof(T) < 4 ? 1024 : 640) /
+    Tile::THREADS;
 
 // ------------------------------------------------------------------ strip epilogues
 //
@@ -387,11 +395,13 @@ __device__ void write_tile_stats(const DepthwiseParams& p, const ConvPlan& plan,
   }
 }
 
-// training: a = dwconv(x) + b (stored in the activation dtype) and per-tile statistics of act(a);
+// TRAINING: a = dwconv(x) + b (stored in the activation dtype) and per-tile statistics of act(a);
 // eval:     y = act(a) * scale + shift + x, the whole block in one pass.
-template <class Tile, typename T, int K_, bool PRO>
-__device__ __forceinline__ void forward_body(const DepthwiseParams& p, const ConvPlan& plan, const bool training) {
+// Both are compile-time choices (separate instances), so a kernel holds only the epilogue it runs.
+template <class Tile, typename T, int K_, bool PRO, class ActFn, bool TRAINING>
+__device__ __forceinline__ void forward_body(const DepthwiseParams& p, const ConvPlan& plan) {
   constexpr int RW = Tile::RW;
+  const ActFn act(p.act);
   const int KH = K_ > 0 ? K_ : p.KH;
   const int KW = K_ > 0 ? K_ : p.KW;
   const int KC = K_ > 0 ? K_ : plan.row_chunk;  // the plan picks K_ > 0 only when row_chunk == KH
@@ -427,7 +437,7 @@ __device__ __forceinline__ void forward_body(const DepthwiseParams& p, const Con
   const float bias = (p.bias != nullptr && c < p.C) ? to_float(static_cast<const T*>(p.bias)[c]) : 0.f;
   const int valid = row_ok ? p.W - w0 : 0;  // outputs of the strip inside the map
   const bool vec = row_ok && strip_vectors<Tile, T>(p, w0);
-  if (training) {
+  if constexpr (TRAINING) {
     // Statistics of exactly the values the apply pass and the backward will see: act of the stored a.
     float a[RW], g[RW], sum = 0.f;
     int count = 0;
@@ -436,7 +446,7 @@ __device__ __forceinline__ void forward_body(const DepthwiseParams& p, const Con
       a[t] = round_to<T>(acc[t] + bias);
       g[t] = 0.f;
       if (t < valid) {
-        g[t] = act_forward(p.act, a[t]);
+        g[t] = act.forward(a[t]);
         sum += g[t];
         ++count;
       }
@@ -452,29 +462,36 @@ __device__ __forceinline__ void forward_body(const DepthwiseParams& p, const Con
     }
     write_tile_stats<Tile>(p, plan, smem + plan.off_stats, st, me, c0, tile);
   } else if (row_ok) {
+    // y = act(a) * s + t + x. The residual x is the centre of the staged tile when the kernel ran in one pass
+    // (the tile's rows are then those of chunk 0): read there, not from global memory, where the 16 scalar
+    // channels_last loads and their 64-bit addresses, hoisted into the conv by ptxas, spilled 8-64 B.
     const float s = p.scale[c], sh = p.shift[c];
     float res[RW];
-    load_strip<Tile, T>(static_cast<const T*>(p.x.data) + offset(p.x, tp.n, c, h, w0), p.x.sw, valid, vec, res);
+    if (K_ > 0 || KC >= KH) {
 #pragma unroll
-    for (int t = 0; t < RW; ++t) res[t] = act_forward(p.act, round_to<T>(acc[t] + bias)) * s + sh + res[t];
+      for (int t = 0; t < RW; ++t) res[t] = xs.at(me.c, me.row + p.pad_top, me.col0 + t + p.pad_left);
+    } else {
+      load_strip<Tile, T>(static_cast<const T*>(p.x.data) + offset(p.x, tp.n, c, h, w0), p.x.sw, valid, vec, res);
+    }
+#pragma unroll
+    for (int t = 0; t < RW; ++t) res[t] = act.forward(round_to<T>(acc[t] + bias)) * s + sh + res[t];
     store_strip<Tile, T>(static_cast<T*>(p.y.data) + offset(p.y, tp.n, c, h, w0), p.y.sw, valid, vec, res);
   }
 }
 
-template <class Tile, typename T, int K_>
-__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
-    depthwise_forward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
-                             const bool training) {
-  forward_body<Tile, T, K_, false>(p, plan, training);
+template <class Tile, typename T, int K_, class ActFn, bool TRAINING>
+__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T, K_, TRAINING>)
+    depthwise_forward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
+  forward_body<Tile, T, K_, false, ActFn, TRAINING>(p, plan);
 }
 
 // The same forward with the input-side prologue (p.pro_scale != nullptr; training only, the binding checks),
 // launched by launch_forward_tile when the params carry one: the default kernel above holds no prologue code.
+// Not the default path (ops/layer_stack.py's fold_plan): one instance per shape, the activations switched at run time.
 template <class Tile, typename T, int K_>
-__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T>)
-    depthwise_forward_prologue_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan,
-                                      const bool /*training: always*/) {
-  forward_body<Tile, T, K_, true>(p, plan, true);
+__global__ void __launch_bounds__(Tile::THREADS, kForwardMinBlocks<Tile, T, K_, true>)
+    depthwise_forward_prologue_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
+  forward_body<Tile, T, K_, true, RuntimeAct, true>(p, plan);
 }
 
 // ------------------------------------------------------------------ backward
@@ -552,7 +569,7 @@ __device__ __forceinline__ float db_accumulate(float db, const SmemTile<Tile>& d
 //           and writes them once at the end;
 //   otherwise (chunked kernels): per tile, each item adds its partial into dw_part (first tile:
 //           stores).
-template <class Tile, typename T, int K_, int DW_REGS, bool PRO>
+template <class Tile, typename T, int K_, int DW_REGS, bool PRO, class ActFn>
 __device__ __forceinline__ void backward_body(const DepthwiseParams& p, const ConvPlan& plan) {
   constexpr int RW = Tile::RW;
   constexpr int JB = K_ > 0 ? K_ : kTapBlock;
@@ -577,7 +594,7 @@ __device__ __forceinline__ void backward_body(const DepthwiseParams& p, const Co
   const SmemTile<Tile> xc{smem + plan.off_dac, plan.dac_width, Tile::TH};
   const InputValue<T> xval{static_cast<const T*>(p.x.data), p.x};
   float* coef = smem + plan.off_coef;
-  const GradPreactValue<T> daval{p, coef, c0, Tile::CB};
+  const GradPreactValue<T, ActFn> daval{p, coef, c0, Tile::CB, ActFn(p.act)};
   const int RG = K_ > 0 ? RG_K : plan.row_groups, RPG = Tile::TH / RG;
   const int JG = K_ > 0 ? 1 : (KW + JB - 1) / JB;
   const int reg_items = Tile::CB * RG * JG * KH;  // register path: one pass
@@ -693,10 +710,10 @@ __device__ __forceinline__ void backward_body(const DepthwiseParams& p, const Co
   }
 }
 
-template <class Tile, typename T, int K_, int DW_REGS>
+template <class Tile, typename T, int K_, int DW_REGS, class ActFn>
 __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
     depthwise_backward_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ConvPlan plan) {
-  backward_body<Tile, T, K_, DW_REGS, false>(p, plan);
+  backward_body<Tile, T, K_, DW_REGS, false, ActFn>(p, plan);
 }
 
 // The same backward with the input-side prologue (p.pro_scale != nullptr): its weight gradient reads z.
@@ -704,51 +721,54 @@ template <class Tile, typename T, int K_, int DW_REGS>
 __global__ void __launch_bounds__(Tile::THREADS, kMinBlocks<Tile>)
     depthwise_backward_prologue_kernel(__grid_constant__ const DepthwiseParams p,
                                        __grid_constant__ const ConvPlan plan) {
-  backward_body<Tile, T, K_, DW_REGS, true>(p, plan);
+  backward_body<Tile, T, K_, DW_REGS, true, RuntimeAct>(p, plan);
 }
 
 // ------------------------------------------------------------------ launchers
 
-template <class Tile, typename T, int K_>
-constexpr auto forward_kernel(bool prologue) {
-  return prologue ? depthwise_forward_prologue_kernel<Tile, T, K_> : depthwise_forward_kernel<Tile, T, K_>;
+using ConvKernel = void (*)(DepthwiseParams, ConvPlan);
+
+template <class Tile, typename T, int K_, class ActFn>
+constexpr ConvKernel forward_kernel(bool prologue, bool training) {
+  return prologue   ? depthwise_forward_prologue_kernel<Tile, T, K_>
+         : training ? depthwise_forward_kernel<Tile, T, K_, ActFn, true>
+                    : depthwise_forward_kernel<Tile, T, K_, ActFn, false>;
 }
 
-template <class Tile, typename T>
+template <class Tile, typename T, class ActFn>
 const char* launch_forward_tile(const DepthwiseParams& p, const ConvPlan& plan, bool training, void* stream) {
-  void (*kernel)(DepthwiseParams, ConvPlan, bool) = nullptr;
+  ConvKernel kernel = nullptr;
   const bool pro = p.pro_scale != nullptr;
   switch (plan.kernel_k) {
-    case 3: kernel = forward_kernel<Tile, T, 3>(pro); break;
-    case 5: kernel = forward_kernel<Tile, T, 5>(pro); break;
-    case 7: kernel = forward_kernel<Tile, T, 7>(pro); break;
-    case 9: kernel = forward_kernel<Tile, T, 9>(pro); break;
-    default: kernel = forward_kernel<Tile, T, 0>(pro); break;
+    case 3: kernel = forward_kernel<Tile, T, 3, ActFn>(pro, training); break;
+    case 5: kernel = forward_kernel<Tile, T, 5, ActFn>(pro, training); break;
+    case 7: kernel = forward_kernel<Tile, T, 7, ActFn>(pro, training); break;
+    case 9: kernel = forward_kernel<Tile, T, 9, ActFn>(pro, training); break;
+    default: kernel = forward_kernel<Tile, T, 0, ActFn>(pro, training); break;
   }
   if (const char* err = allow_smem(kernel, plan.smem_bytes)) return err;
-  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(plan.threads), plan.smem_bytes, stream, p, plan,
-             training);
+  CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(plan.threads), plan.smem_bytes, stream, p, plan);
   return launch_error();
 }
 
-template <class Tile, typename T, int K_, int DW_REGS>
-constexpr auto backward_kernel(bool prologue) {
+template <class Tile, typename T, int K_, int DW_REGS, class ActFn>
+constexpr ConvKernel backward_kernel(bool prologue) {
   return prologue ? depthwise_backward_prologue_kernel<Tile, T, K_, DW_REGS>
-                  : depthwise_backward_kernel<Tile, T, K_, DW_REGS>;
+                  : depthwise_backward_kernel<Tile, T, K_, DW_REGS, ActFn>;
 }
 
-template <class Tile, typename T>
+template <class Tile, typename T, class ActFn>
 const char* launch_backward_tile(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
   const bool pro = p.pro_scale != nullptr;
-  void (*kernel)(DepthwiseParams, ConvPlan) = backward_kernel<Tile, T, 0, 0>(pro);
+  ConvKernel kernel = backward_kernel<Tile, T, 0, 0, ActFn>(pro);
   if constexpr (kDwRegItems<Tile> > 0)
-    if (plan.dw_in_registers) kernel = backward_kernel<Tile, T, 0, kDwRegItems<Tile>>(pro);
+    if (plan.dw_in_registers) kernel = backward_kernel<Tile, T, 0, kDwRegItems<Tile>, ActFn>(pro);
   if constexpr (!std::is_same<Tile, ClBackwardLargeTile>::value) {  // the large tile only runs large kernels
     switch (plan.kernel_k) {
-      case 3: kernel = backward_kernel<Tile, T, 3, 0>(pro); break;
-      case 5: kernel = backward_kernel<Tile, T, 5, 0>(pro); break;
-      case 7: kernel = backward_kernel<Tile, T, 7, 0>(pro); break;
-      case 9: kernel = backward_kernel<Tile, T, 9, 0>(pro); break;
+      case 3: kernel = backward_kernel<Tile, T, 3, 0, ActFn>(pro); break;
+      case 5: kernel = backward_kernel<Tile, T, 5, 0, ActFn>(pro); break;
+      case 7: kernel = backward_kernel<Tile, T, 7, 0, ActFn>(pro); break;
+      case 9: kernel = backward_kernel<Tile, T, 9, 0, ActFn>(pro); break;
       default: break;
     }
   }
@@ -759,15 +779,21 @@ const char* launch_backward_tile(const DepthwiseParams& p, const ConvPlan& plan,
 
 template <typename T>
 const char* depthwise_forward_t(const DepthwiseParams& p, const ConvPlan& plan, bool training, void* stream) {
-  return p.channels_last ? launch_forward_tile<ClForwardTile, T>(p, plan, training, stream)
-                         : launch_forward_tile<NchwForwardTile, T>(p, plan, training, stream);
+  return dispatch_act(p.act, [&](auto act) {
+    using A = typename decltype(act)::type;
+    return p.channels_last ? launch_forward_tile<ClForwardTile, T, A>(p, plan, training, stream)
+                           : launch_forward_tile<NchwForwardTile, T, A>(p, plan, training, stream);
+  });
 }
 
 template <typename T>
 const char* depthwise_backward_t(const DepthwiseParams& p, const ConvPlan& plan, void* stream) {
-  if (!p.channels_last) return launch_backward_tile<NchwBackwardTile, T>(p, plan, stream);
-  return plan.large_tile ? launch_backward_tile<ClBackwardLargeTile, T>(p, plan, stream)
-                         : launch_backward_tile<ClBackwardTile, T>(p, plan, stream);
+  return dispatch_act(p.act, [&](auto act) {
+    using A = typename decltype(act)::type;
+    if (!p.channels_last) return launch_backward_tile<NchwBackwardTile, T, A>(p, plan, stream);
+    return plan.large_tile ? launch_backward_tile<ClBackwardLargeTile, T, A>(p, plan, stream)
+                           : launch_backward_tile<ClBackwardTile, T, A>(p, plan, stream);
+  });
 }
 
 }  // namespace cmk

@@ -47,9 +47,11 @@ __device__ __forceinline__ Position position(const DepthwiseParams& p, const Ele
 }
 
 // V channels per thread: V > 1 only on the channels_last path with vec_ok (then C % V == 0).
-template <typename T, int V>
+// ActFn: the activation, a compile-time StaticAct (common.cuh).
+template <typename T, int V, class ActFn>
 __global__ void __launch_bounds__(kElementwiseThreads)
     depthwise_apply_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ElementwisePlan plan) {
+  const ActFn act(p.act);
   const ElemWork wk = elem_work(p, plan);
   if (wk.c >= p.C) return;  // no barrier in this kernel
   const T* a = static_cast<const T*>(p.a.data);
@@ -68,19 +70,20 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       load_vec(a + offset(p.a, q.n, wk.c, q.h, q.w), av);
       load_vec(x + offset(p.x, q.n, wk.c, q.h, q.w), xv);
 #pragma unroll
-      for (int k = 0; k < V; ++k) yv[k] = act_forward(p.act, av[k]) * s[k] + t[k] + xv[k];
+      for (int k = 0; k < V; ++k) yv[k] = act.forward(av[k]) * s[k] + t[k] + xv[k];
       store_vec(y + offset(p.y, q.n, wk.c, q.h, q.w), yv);
     } else {
       const float av = to_float(a[offset(p.a, q.n, wk.c, q.h, q.w)]);
       const float xv = to_float(x[offset(p.x, q.n, wk.c, q.h, q.w)]);
-      y[offset(p.y, q.n, wk.c, q.h, q.w)] = from_float<T>(act_forward(p.act, av) * s[0] + t[0] + xv);
+      y[offset(p.y, q.n, wk.c, q.h, q.w)] = from_float<T>(act.forward(av) * s[0] + t[0] + xv);
     }
   }
 }
 
-template <typename T, int V>
+template <typename T, int V, class ActFn>
 __global__ void __launch_bounds__(kElementwiseThreads)
     depthwise_grad_reduce_kernel(__grid_constant__ const DepthwiseParams p, __grid_constant__ const ElementwisePlan plan) {
+  const ActFn act(p.act);
   const ElemWork wk = elem_work(p, plan);
   float s1[V], s2[V];
 #pragma unroll
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         s1[k] += dv[k];
-        s2[k] += dv[k] * (act_forward(p.act, av[k]) - mean[k]);
+        s2[k] += dv[k] * (act.forward(av[k]) - mean[k]);
       }
     }
   }
@@ -198,18 +201,18 @@ const char* dispatch_dtype(DType dtype, Fn&& fn) {
   return "unknown dtype code";
 }
 
-template <typename T>
+template <typename T, class ActFn>
 const char* apply_t(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
   void (*kernel)(DepthwiseParams, ElementwisePlan) =
-      plan.vec == 1 ? depthwise_apply_kernel<T, 1> : depthwise_apply_kernel<T, Vec16<T>::N>;
+      plan.vec == 1 ? depthwise_apply_kernel<T, 1, ActFn> : depthwise_apply_kernel<T, Vec16<T>::N, ActFn>;
   CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kElementwiseThreads), 0, stream, p, plan);
   return launch_error();
 }
 
-template <typename T>
+template <typename T, class ActFn>
 const char* grad_reduce_t(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
-  void (*kernel)(DepthwiseParams, ElementwisePlan) =
-      plan.vec == 1 ? depthwise_grad_reduce_kernel<T, 1> : depthwise_grad_reduce_kernel<T, Vec16<T>::N>;
+  void (*kernel)(DepthwiseParams, ElementwisePlan) = plan.vec == 1 ? depthwise_grad_reduce_kernel<T, 1, ActFn>
+                                                                    : depthwise_grad_reduce_kernel<T, Vec16<T>::N, ActFn>;
   CMK_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.blocks)), dim3(kElementwiseThreads), plan.smem_bytes, stream, p,
              plan);
   return launch_error();
@@ -224,11 +227,17 @@ const char* depthwise_backward(const DepthwiseParams& p, const ConvPlan& plan, v
 }
 
 const char* depthwise_apply(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) { return apply_t<decltype(tag)>(p, plan, stream); });
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return dispatch_act(p.act, [&](auto act) { return apply_t<decltype(tag), typename decltype(act)::type>(p, plan, stream); });
+  });
 }
 
 const char* depthwise_grad_reduce(const DepthwiseParams& p, const ElementwisePlan& plan, void* stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) { return grad_reduce_t<decltype(tag)>(p, plan, stream); });
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return dispatch_act(p.act, [&](auto act) {
+      return grad_reduce_t<decltype(tag), typename decltype(act)::type>(p, plan, stream);
+    });
+  });
 }
 
 const char* batchnorm_combine(const float* partials, float* out, int64_t tiles, int C, void* stream) {

@@ -334,17 +334,23 @@ def _tc_wgrad_kernel(da_ptr, x_ptr, dwp_ptr, dbp_ptr, scratch_ptr, C, H, W, M, r
 def _da_kernel(dy_ptr, a_ptr, coef_ptr, da_ptr, dbp_ptr, C, H, W, tiles_w, tiles_per_img,
                sgn, sgc, sgh, sgw, son, soc, soh, sow, ACT: tl.constexpr, TRAIN: tl.constexpr,
                TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
-               INTERP: tl.constexpr):
+               INTERP: tl.constexpr, EVEN: tl.constexpr = False):
     """da = act'(a) * (k1*(dy - mean_dy) + k2*(act(a) - mean)) (TRAIN; else k1*dy), coef [4, C] = (k1, k2,
     mean_dy, mean), stored in da's dtype with a's strides; the same arithmetic as ``_input_grad_kernel``. Also
-    the tile's db partial (sum of the stored da per channel) into dbp [tiles, C]."""
+    the tile's db partial (sum of the stored da per channel) into dbp [tiles, C]. EVEN: H, W, C multiples of the
+    tile, so no masks and no select before the sum."""
     n, h, w, c, pmask, cmask = _tile(tl.program_id(0), tl.program_id(1), C, H, W, tiles_w, tiles_per_img,
                                      TH, TW, BLOCK_C, INT64)
     mask = pmask[:, None] & cmask[None, :]
-    k1 = tl.load(coef_ptr + c, mask=cmask, other=0.0)[None, :]
-    dy = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw), mask=mask, other=0.0).to(tl.float32)
     o_off = _offsets(n, h, w, c, son, soc, soh, sow)
-    a = tl.load(a_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
+    if EVEN:
+        k1 = tl.load(coef_ptr + c)[None, :]
+        dy = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw)).to(tl.float32)
+        a = tl.load(a_ptr + o_off).to(tl.float32)
+    else:
+        k1 = tl.load(coef_ptr + c, mask=cmask, other=0.0)[None, :]
+        dy = tl.load(dy_ptr + _offsets(n, h, w, c, sgn, sgc, sgh, sgw), mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
     if TRAIN:  # with the batch-statistics terms; the subtraction first, as PyTorch does
         k2 = tl.load(coef_ptr + C + c, mask=cmask, other=0.0)[None, :]
         mean_dy = tl.load(coef_ptr + 2 * C + c, mask=cmask, other=0.0)[None, :]
@@ -353,9 +359,14 @@ def _da_kernel(dy_ptr, a_ptr, coef_ptr, da_ptr, dbp_ptr, C, H, W, tiles_w, tiles
     else:
         dg = k1 * dy
     da = _to(act_grad(a, ACT) * dg, da_ptr.dtype.element_ty, INTERP)
-    tl.store(da_ptr + o_off, da, mask=mask)
     # db partial of this tile: the stored (rounded) da summed, row = tile
-    tl.store(dbp_ptr + tl.program_id(0) * C + c, tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0), mask=cmask)
+    if EVEN:
+        tl.store(da_ptr + o_off, da)
+        tl.store(dbp_ptr + tl.program_id(0) * C + c, tl.sum(da.to(tl.float32), axis=0))
+    else:
+        tl.store(da_ptr + o_off, da, mask=mask)
+        tl.store(dbp_ptr + tl.program_id(0) * C + c, tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0),
+                 mask=cmask)
 
 
 # ====================================================================== configurations
@@ -590,7 +601,7 @@ def pre_activation_grad(dy, a, coef, act: int, train: bool):
     _da_kernel[(N * tiles_per_img, triton.cdiv(C, cfg.block_c))](
         dy, a, coef, da, dbp, C, H, W, tiles_w, tiles_per_img, *_strides(dy), *_strides(a), ACT=act, TRAIN=train,
         TH=cfg.th, TW=cfg.tw, BLOCK_C=cfg.block_c, INT64=needs_int64(dy, a, da), INTERP=interpreting(a.device),
-        num_warps=cfg.num_warps)
+        EVEN=H % cfg.th == 0 and W % cfg.tw == 0 and C % cfg.block_c == 0, num_warps=cfg.num_warps)
     return da, sum_rows(dbp)
 
 
