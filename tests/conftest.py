@@ -48,3 +48,31 @@ def _round_bf16_like_the_gpu() -> None:
 
 
 _round_bf16_like_the_gpu()
+
+
+# ------------------------------------------------------------- the nvcc compile check, in the background
+
+_COMPILE_TEST = "test_every_kernel_source_compiles_with_nvcc"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start .ci/compile_cuda.sh as soon as the run is collected, and run its test last.
+
+    The compile is minutes of nvcc on the CPU while most of the suite (the Triton interpreter) keeps
+    one core busy, so on a 2-core CI machine it runs beside the suite on the spare core instead of
+    after it; the test then only waits for (and checks) the result. Run alone, the test compiles in
+    the foreground with every core, as before.
+    """
+    import nvcc_check
+
+    compile_items = [item for item in items if item.name == _COMPILE_TEST]
+    if not compile_items or len(items) == len(compile_items) or not nvcc_check.available():
+        return
+    items[:] = [item for item in items if item.name != _COMPILE_TEST] + compile_items
+    nvcc_check.start_in_background(jobs=max(1, (os.cpu_count() or 2) - 1))
+
+
+def pytest_unconfigure(config):
+    import nvcc_check
+
+    nvcc_check.stop_background()

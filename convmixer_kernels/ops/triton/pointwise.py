@@ -36,8 +36,7 @@ from torch import Tensor
 from ..alloc import empty, empty_output
 from ..batchnorm import MEAN, RSTD, SCALE, SHIFT
 from ..prologue import ACT_NAME, Affine, Operand
-from .activation import (_INV_SQRT_2PI, _SQRT1_2, _SQRT_2_OVER_PI, _TANH_COEF, _TANH_COEF_X3, _tanh, act_fwd,
-                         act_grad)
+from .activation import act_both, act_fwd, act_grad
 from .batchnorm import finalize  # noqa: F401  (part of this backend's contract)
 from ...backends import log_event
 from .common import Autotuner, interpreting, num_sms, static_active, sum_rows
@@ -276,21 +275,6 @@ def _apply_kernel(p_ptr, z_ptr, scale_ptr, shift_ptr, M, C,
     tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 @triton.jit
-def _act_both(a, ACT: tl.constexpr):
-    """(act(a), act'(a)) from one erf / tanh: the expressions of ``activation.act_fwd`` and
-    ``act_grad`` term for term, sharing the transcendental."""
-    if ACT == 0:
-        e = tl.math.erf(a * _SQRT1_2)
-        return 0.5 * a * (1.0 + e), 0.5 * (1.0 + e) + a * tl.exp(-0.5 * a * a) * _INV_SQRT_2PI
-    elif ACT == 1:
-        t = _tanh((a + a * a * a * _TANH_COEF) * _SQRT_2_OVER_PI)
-        return (0.5 * a * (1.0 + t),
-                0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + a * a * _TANH_COEF_X3))
-    else:
-        return tl.where(a < 0.0, 0.0, a), tl.where(a > 0.0, 1.0, 0.0)
-
-
-@triton.jit
 def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr,
                    M, C, tiles_per_prog,
                    dz_d1, dz_d2, dz_s0, dz_s1, dz_s2, stride_dzc, DZ_DIMS: tl.constexpr,
@@ -329,7 +313,7 @@ def _bn_bwd_kernel(dz_ptr, p_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, coef_ptr
         p = tl.load(p_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
         if STORE_DP:
             if TRAIN:  # with the batch-statistics terms; the subtraction first, as PyTorch does
-                g, dact = _act_both(p, ACT)  # one erf per element gives both
+                g, dact = act_both(p, ACT)  # one CDF / tanh per element gives both
                 dg = k1[None, :] * (dz - mean_dy[None, :]) + k2[None, :] * (g - mean[None, :])
             else:
                 dact = act_grad(p, ACT)
