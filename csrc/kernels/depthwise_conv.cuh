@@ -134,13 +134,30 @@ __device__ void load_coefficients(const DepthwiseParams& p, float* coef, int c0)
   }
 }
 
+// load_tile's NCHW staging a warp per (channel, row), lanes over columns: no per-element index divisions.
+template <class Tile, class Fn>
+__device__ __forceinline__ void load_tile_warp_rows(const DepthwiseParams& p, const SmemTile<Tile>& dst, int n, int c0,
+                                                    int h_begin, int w_begin, int rows, int cols, const Fn& fn) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int cq = warp; cq < Tile::CB * rows; cq += Tile::THREADS / 32) {
+    const int c = cq / rows, q = cq - c * rows;
+    const int h = h_begin + q, cg = c0 + c;
+    const bool row_ok = h >= 0 && h < p.H && cg < p.C;
+    for (int v = lane; v < cols; v += 32) {
+      const int w = w_begin + v;
+      dst.at(c, q, v) = (row_ok && w >= 0 && w < p.W) ? fn.scalar(n, cg, h, w) : 0.f;
+    }
+  }
+}
+
 // dst.at(c, q, v) = fn(n, c0 + c, h_begin + q, w_begin + v) for q < rows, v < cols; zero outside
-// the image (the conv's zero padding) and past the last channel.
-template <class Tile, typename T, class Fn>
+// the image (the conv's zero padding) and past the last channel. kVector: fn has a vector() form
+// (16-byte loads of V channels).
+template <class Tile, typename T, class Fn, bool kVector = true>
 __device__ void load_tile(const DepthwiseParams& p, const SmemTile<Tile>& dst, int n, int c0, int h_begin,
                           int w_begin, int rows, int cols, const Fn& fn) {
   const int tid = threadIdx.x;
-  if constexpr (Tile::kChannelsLast) {
+  if constexpr (Tile::kChannelsLast && kVector) {
     if (p.vec_ok) {  // 16-byte loads of V channels; the binding checked alignment and C % V == 0
       constexpr int V = Vec16<T>::N;
       constexpr int NV = Tile::CB / V;
@@ -183,55 +200,36 @@ __device__ void load_tile(const DepthwiseParams& p, const SmemTile<Tile>& dst, i
       const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
       dst.at(c, q, v) = (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) ? fn.scalar(n, cg, h, w) : 0.f;
     }
-  } else {  // NCHW rows of whole warps (the x tile): a warp per (channel, row), no per-element divisions
-    const int warp = tid / 32, lane = tid % 32;
-    for (int cq = warp; cq < Tile::CB * rows; cq += Tile::THREADS / 32) {
-      const int c = cq / rows, q = cq - c * rows;
-      const int h = h_begin + q, cg = c0 + c;
-      const bool row_ok = h >= 0 && h < p.H && cg < p.C;
-      for (int v = lane; v < cols; v += 32) {
-        const int w = w_begin + v;
-        dst.at(c, q, v) = (row_ok && w >= 0 && w < p.W) ? fn.scalar(n, cg, h, w) : 0.f;
-      }
-    }
+  } else {  // NCHW rows of whole warps (the x tile)
+    load_tile_warp_rows<Tile>(p, dst, n, c0, h_begin, w_begin, rows, cols, fn);
   }
 }
 
-// load_tile for the input-side prologue (design.md 3.3): dst.at(c, q, v) = z = act_pro(x) * pro_scale +
-// pro_shift of x(n, c0 + c, h_begin + q, w_begin + v) (float32 math, the product and the sum each
-// rounded as torch's elementwise ops round them, then rounded to T: what a materialized z would
-// hold); zero outside the image and past the last channel, so the conv pads z with zeros, not with
-// act(0) * s + t. Once per staged element, scalar loads; channels_last: consecutive threads,
-// consecutive channels; NCHW: a warp per (channel, row), lanes over columns, as load_tile stages the
-// x tile (with load_tile's per-element index divisions ptxas spilled 8 B in the NCHW bf16/fp16
-// general-path forward). Only the *_prologue_kernel instances (PRO = true) stage through it.
+// The input-side prologue's staged value (design.md 3.3): z = act_pro(x) * pro_scale + pro_shift (float32
+// math, the product and the sum each rounded as torch's elementwise ops round them, then rounded to T:
+// what a materialized z would hold). load_tile's zero outside the image and past the last channel pads z
+// with zeros, not with act(0) * s + t.
+template <typename T>
+struct PrologueValue {
+  const DepthwiseParams& p;
+  const T* x;
+  __device__ __forceinline__ float scalar(int n, int c, int h, int w) const {
+    const float g = act_forward(p.pro_act, to_float(x[offset(p.x, n, c, h, w)]));
+    return round_to<T>(add_rn(mul_rn(g, p.pro_scale[c]), p.pro_shift[c]));
+  }
+};
+
+// load_tile for the prologue: once per staged element, scalar loads; NCHW always a warp per (channel, row)
+// (with per-element index divisions ptxas spilled 8 B in the NCHW bf16/fp16 general-path forward). Only the
+// *_prologue_kernel instances (PRO = true) stage through it.
 template <class Tile, typename T>
 __device__ void load_tile_prologue(const DepthwiseParams& p, const SmemTile<Tile>& dst, int n, int c0, int h_begin,
                                    int w_begin, int rows, int cols) {
-  const T* x = static_cast<const T*>(p.x.data);
-  auto z = [&](int cg, int h, int w) {
-    const float g = act_forward(p.pro_act, to_float(x[offset(p.x, n, cg, h, w)]));
-    return round_to<T>(add_rn(mul_rn(g, p.pro_scale[cg]), p.pro_shift[cg]));
-  };
-  if constexpr (Tile::kChannelsLast) {  // consecutive threads: consecutive channels
-    const int total = Tile::CB * rows * cols;
-    for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
-      const int c = e % Tile::CB, pos = e / Tile::CB;
-      const int q = pos / cols, v = pos % cols;
-      const int h = h_begin + q, w = w_begin + v, cg = c0 + c;
-      dst.at(c, q, v) = (h >= 0 && h < p.H && w >= 0 && w < p.W && cg < p.C) ? z(cg, h, w) : 0.f;
-    }
-  } else {  // NCHW: a warp per (channel, row), lanes over columns
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int cq = warp; cq < Tile::CB * rows; cq += Tile::THREADS / 32) {
-      const int c = cq / rows, q = cq - c * rows;
-      const int h = h_begin + q, cg = c0 + c;
-      const bool row_ok = h >= 0 && h < p.H && cg < p.C;
-      for (int v = lane; v < cols; v += 32) {
-        const int w = w_begin + v;
-        dst.at(c, q, v) = (row_ok && w >= 0 && w < p.W) ? z(cg, h, w) : 0.f;
-      }
-    }
+  const PrologueValue<T> z{p, static_cast<const T*>(p.x.data)};
+  if constexpr (Tile::kChannelsLast) {
+    load_tile<Tile, T, PrologueValue<T>, /*kVector=*/false>(p, dst, n, c0, h_begin, w_begin, rows, cols, z);
+  } else {
+    load_tile_warp_rows<Tile>(p, dst, n, c0, h_begin, w_begin, rows, cols, z);
   }
 }
 
