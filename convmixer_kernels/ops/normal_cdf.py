@@ -1,9 +1,8 @@
 """The standard normal CDF Phi(x) that the fused kernels' exact GELU uses, and how its coefficients were fitted.
 
-GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2. libdevice's ``erff`` costs ~35 SASS
-instructions per element on sm_90 (two polynomial branches, an exp with range reduction, constants
-moved into registers) and makes the elementwise passes issue-bound rather than DRAM-bound
-(design.md §7). The kernels evaluate Phi directly instead, branch-free, in float32:
+GELU(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2. In the Triton kernels libdevice's ``erff``
+costs ~35 SASS instructions per element on sm_90 and made the elementwise passes issue-bound rather
+than DRAM-bound (design.md §7). The kernels evaluate Phi directly instead, branch-free, in float32:
 
     |x| < SPLIT:        Phi(x) = 1/2 + x * P(x^2)                 (SMALL: P's coefficients, x^0 first)
     SPLIT <= |x| < TAIL: q = Phi(-|x|) = 2^L(|x| - SHIFT)          (LARGE: L's coefficients)
@@ -13,10 +12,11 @@ moved into registers) and makes the elementwise passes issue-bound rather than D
 
 Both polynomials are near-minimax fits (Lawson's iteratively reweighted least squares, relative error of
 Phi on the small interval, absolute error of L on the large one). Evaluated in float32 with fma, Phi's
-largest error on [-9, 9] is ~1.4 float32 ulp of 1 in absolute terms (torch's own float32
+largest error on [-9, 9] is ~1.5 float32 ulp of 1 in absolute terms (torch's own float32
 ``0.5 * (1 + erf(x / sqrt 2))``: ~1 ulp), and the lower tail is *more* accurate than torch's, which loses
-everything to cancellation in 1 + erf: ~1e-6 relative at x = -3 against ~1e-5 (tests/test_triton_common.py
-measures both). About 24 instructions per element instead of ~35, and half the registers.
+everything to cancellation in 1 + erf: ~1e-6 relative at x = -3 against ~1e-5 (tests/test_normal_cdf.py
+measures both). Cost per GELU in a one-line sm_90 test kernel: Triton ~24 instructions instead of ~35
+(70 registers instead of 125); CUDA ~29 instead of nvcc's ``erff`` ~33.
 
 ``fit()`` regenerates the coefficients (numpy only, float64 ground truth from ``math.erfc``);
 ``csrc/kernels/common.cuh`` carries the same numbers for the CUDA extension (a test compares them).

@@ -219,9 +219,9 @@ struct PrologueValue {
   }
 };
 
-// load_tile for the prologue: once per staged element, scalar loads; NCHW always a warp per (channel, row)
-// (with per-element index divisions ptxas spilled 8 B in the NCHW bf16/fp16 general-path forward). Only the
-// *_prologue_kernel instances (PRO = true) stage through it.
+// load_tile for the prologue: once per staged element, scalar loads; NCHW always a warp per (channel, row),
+// whatever the tile's width (no per-element index divisions). Only the *_prologue_kernel instances
+// (PRO = true) stage through it.
 template <class Tile, typename T>
 __device__ void load_tile_prologue(const DepthwiseParams& p, const SmemTile<Tile>& dst, int n, int c0, int h_begin,
                                    int w_begin, int rows, int cols) {

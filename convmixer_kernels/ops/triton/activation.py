@@ -2,7 +2,7 @@
 
 ``ACT`` is the constexpr code from ``activation.ACT_CODE``: 0 GELU (erf), 1 GELU
 (tanh), 2 ReLU. All math is float32. The exact GELU evaluates the normal CDF with the branch-free
-polynomials of ``ops/normal_cdf.py`` (~24 instructions per element; libdevice's erff takes ~35). NaN propagates exactly as in PyTorch:
+polynomials of ``ops/normal_cdf.py`` (cheaper than libdevice's erf). NaN propagates exactly as in PyTorch:
 relu(NaN) = NaN (so ``where(x < 0, 0, x)``, not ``where(x > 0, x, 0)``), and
 relu'(NaN) = 0 as in threshold_backward.
 """
