@@ -432,12 +432,11 @@ def cuda_trips(func, launch: CudaLaunch, shape, vec_ok: bool) -> bool:
                 _staging(func, [pro], x_floats, pro)
                 ws = gs
             else:
-                nw = 2 if (p["kernel_k"] == 0 and k >= 16) else 1
-                nw = min(nw, len(gs) - 1) if len(gs) > 1 else 0
+                nw = 1 if len(gs) > 1 else 0  # load_weights: one loop, whatever the kernel's width
                 ws, xs = gs[len(gs) - nw:], gs[:len(gs) - nw]
                 _staging(func, xs, x_floats, _pick(func, xs, V > 1, None if cl else ((tw + k - 1) % 32 == 0)))
             if ws:
-                _staging(func, ws, w_floats, _pick(func, ws, False, k >= 16 if len(ws) > 1 else None))
+                _staging(func, ws, w_floats, ws[0])
             for lp in lps:
                 if lp in stage:
                     continue

@@ -111,6 +111,7 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::N]
 }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
 // a * b and a + b each rounded once (never contracted into an fma): the roundings of torch's
 // elementwise ops, which the prologue's act(x) * s + t must reproduce.
@@ -149,7 +150,7 @@ constexpr float kTanhCoef = 0.044715f;
 // The standard normal CDF of the exact GELU, branch-free in float32: the polynomials fitted in
 // convmixer_kernels/ops/normal_cdf.py (the fit, its error against float64 and torch, and the same numbers
 // in the Triton kernels; tests/test_normal_cdf.py checks these against it). ~29 instructions per GELU
-// on sm_90 where erff takes ~33.
+// on sm_90 where erff takes ~33 (measured with the tail's branch that below_or_zero has since removed).
 constexpr float kCdfSplit = 1.3f;  // |x| below: Phi = 1/2 + x * P(x^2)
 constexpr float kCdfTail = 5.7f;    // |x| from here on: Phi = 0 or 1 in float32
 constexpr float kCdfShift = 3.5f;  // between: Phi(-|x|) = 2^L(|x| - shift)
@@ -177,11 +178,25 @@ __device__ __forceinline__ float horner(const float (&c)[N], float v) {
   return r;
 }
 
+// t < bound ? x : 0 as one SETP + SELP, after x is computed. Written as `?:`, nvcc sank the tail's
+// polynomial and MUFU into a branch around them (BSSY, BRA, BSYNC for every GELU on sm_90), a branch
+// that is almost never taken and costs ~3 instructions each time.
+__device__ __forceinline__ float below_or_zero(float t, float bound, float x) {
+#ifdef CMK_EMULATE
+  return t < bound ? x : 0.f;
+#else
+  float r;
+  asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\tselp.f32 %0, %3, 0f00000000, p;\n\t}"
+      : "=f"(r) : "f"(t), "f"(bound), "f"(x));
+  return r;
+#endif
+}
+
 // Phi(a) given s = a * a (the derivative reuses s).
 __device__ __forceinline__ float normal_cdf(float a, float s) {
   const float small = fmaf(a, horner(kCdfSmall, s), 0.5f);
   const float t = fabsf(a);
-  const float q = t < kCdfTail ? exp2_approx(horner(kCdfLarge, t - kCdfShift)) : 0.f;  // Phi(-|a|)
+  const float q = below_or_zero(t, kCdfTail, exp2_approx(horner(kCdfLarge, t - kCdfShift)));  // Phi(-|a|)
   return t < kCdfSplit ? small : (a > 0.f ? 1.f - q : q);
 }
 

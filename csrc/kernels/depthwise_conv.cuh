@@ -63,6 +63,10 @@ struct SmemTile {
   __device__ __forceinline__ float& at(int c, int q, int v) const {
     return Tile::kChannelsLast ? base[(q * width + v) * CS + c] : base[(c * rows + q) * width + v];
   }
+  // at(c, q, v) for q * width + v = tap (the weight tile, whose width is KW)
+  __device__ __forceinline__ float& at_tap(int c, int tap) const {
+    return Tile::kChannelsLast ? base[tap * CS + c] : base[c * rows * width + tap];
+  }
 };
 
 // The weight tile's type: channel stride CB + 1 on the channels_last path.
@@ -103,12 +107,16 @@ struct GradPreactValue {
   const float* coef;
   int c0, cb;
   ActFn act;
+  // k0..k3: the channel's coef_dy, coef_g, mean, coef_const
+  __device__ __forceinline__ float at(float dy, float a, float k0, float k1, float k2, float k3) const {
+    const ActPair g = act.both(a);
+    float dg = k0 * dy;
+    if (p.batch_stats_grad) dg += k1 * (g.g - k2) + k3;
+    return dg * g.dg;
+  }
   __device__ __forceinline__ float at(int c, float dy, float a) const {
     const int k = c - c0;
-    const ActPair g = act.both(a);
-    float dg = coef[k] * dy;
-    if (p.batch_stats_grad) dg += coef[cb + k] * (g.g - coef[2 * cb + k]) + coef[3 * cb + k];
-    return dg * g.dg;
+    return at(dy, a, coef[k], coef[cb + k], coef[2 * cb + k], coef[3 * cb + k]);
   }
   __device__ __forceinline__ float scalar(int n, int c, int h, int w) const {
     const float dy = to_float(static_cast<const T*>(p.dy.data)[offset(p.dy, n, c, h, w)]);
@@ -119,8 +127,17 @@ struct GradPreactValue {
     float dy[Vec16<T>::N], a[Vec16<T>::N];
     load_vec(static_cast<const T*>(p.dy.data) + offset(p.dy, n, c, h, w), dy);
     load_vec(static_cast<const T*>(p.a.data) + offset(p.a, n, c, h, w), a);
+    // the V channels' coefficients as float4 reads (c - c0 is a multiple of V; the plan aligns coef to 16 bytes)
+    constexpr int V = Vec16<T>::N;
+    static_assert(V % 4 == 0, "a vector is a whole number of float4");
+    float k[4][V];
 #pragma unroll
-    for (int k = 0; k < Vec16<T>::N; ++k) out[k] = at(c + k, dy[k], a[k]);
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int q = 0; q < V; q += 4)
+        *reinterpret_cast<float4*>(&k[r][q]) = *reinterpret_cast<const float4*>(coef + r * cb + (c - c0) + q);
+#pragma unroll
+    for (int q = 0; q < V; ++q) out[q] = at(dy[q], a[q], k[0][q], k[1][q], k[2][q], k[3][q]);
   }
 };
 
@@ -235,29 +252,24 @@ __device__ void load_tile_prologue(const DepthwiseParams& p, const SmemTile<Tile
 
 // dst.at(c, i, j) = weight of channel c0 + c at kernel row i0 + i, column j (i < kc); `flip`
 // stores the chunk rotated by 180 degrees, w[i0 + kc - 1 - i][KW - 1 - j], for the backward.
-// Lanes run over consecutive taps of a channel (coalesced: the weight is [C, KH, KW] contiguous).
+// A channel's kc * KW taps of the chunk are contiguous in the [C, KH, KW] weight and so are the tile's
+// (at_tap), so one index s over them serves both: consecutive lanes load consecutive taps (coalesced), and
+// (c, s) steps by the thread count without a division per element (they cost ~35 instructions a tap).
 template <class Tile, typename T>
 __device__ void load_weights(const DepthwiseParams& p, const WeightTile<Tile>& dst, int c0, int i0, int kc, int KH,
                              int KW, bool flip) {
-  const T* weight = static_cast<const T*>(p.weight);
-  auto stage = [&](int c, int i, int j) {
-    const int si = flip ? i0 + kc - 1 - i : i0 + i;
-    const int sj = flip ? KW - 1 - j : j;
-    const int cg = c0 + c;
-    dst.at(c, i, j) = cg < p.C ? to_float(weight[(static_cast<int64_t>(cg) * KH + si) * KW + sj]) : 0.f;
-  };
-  if (KW >= 16) {  // wide rows: a warp per (channel, kernel row), one index division per row
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int ci = warp; ci < Tile::CB * kc; ci += Tile::THREADS / 32) {
-      const int c = ci / kc, i = ci - c * kc;
-      for (int j = lane; j < KW; j += 32) stage(c, i, j);
+  const T* weight = static_cast<const T*>(p.weight) + (static_cast<int64_t>(c0) * KH + i0) * KW;
+  const int taps = kc * KW, kk = KH * KW, dc = Tile::THREADS / taps, ds = Tile::THREADS - dc * taps;
+  const int channels = imin(Tile::CB, p.C - c0);  // the block's real channels; the rest of the tile is zero
+  const int last = flip ? taps - 1 : 0, sign = flip ? -1 : 1;
+  for (int c = threadIdx.x / taps, s = threadIdx.x - (threadIdx.x / taps) * taps; c < Tile::CB;) {
+    dst.at_tap(c, last + sign * s) = c < channels ? to_float(weight[c * kk + s]) : 0.f;  // c * kk + s < CB * kk: int
+    c += dc;
+    s += ds;
+    if (s >= taps) {
+      s -= taps;
+      ++c;
     }
-    return;
-  }
-  const int total = Tile::CB * kc * KW;
-  for (int e = threadIdx.x; e < total; e += Tile::THREADS) {
-    const int j = e % KW, rest = e / KW;
-    stage(rest / kc, rest % kc, j);
   }
 }
 
@@ -341,9 +353,9 @@ __device__ __forceinline__ void load_strip(const T* ptr, int64_t sw, int valid, 
   if (vec) {
 #pragma unroll
     for (int k = 0; k < Tile::RW; k += V) load_vec(ptr + k, *reinterpret_cast<float(*)[V]>(&out[k]));
-  } else {
+  } else {  // a pointer stepped by sw: `ptr[t * sw]` cost a 64-bit multiply-add per element
 #pragma unroll
-    for (int t = 0; t < Tile::RW; ++t) out[t] = t < valid ? to_float(ptr[t * sw]) : 0.f;
+    for (int t = 0; t < Tile::RW; ++t, ptr += sw) out[t] = t < valid ? to_float(*ptr) : 0.f;
   }
 }
 
@@ -353,10 +365,10 @@ __device__ __forceinline__ void store_strip(T* ptr, int64_t sw, int valid, bool 
   if (vec) {
 #pragma unroll
     for (int k = 0; k < Tile::RW; k += V) store_vec(ptr + k, *reinterpret_cast<const float(*)[V]>(&in[k]));
-  } else {
+  } else {  // stepped as in load_strip
 #pragma unroll
-    for (int t = 0; t < Tile::RW; ++t)
-      if (t < valid) ptr[t * sw] = from_float<T>(in[t]);
+    for (int t = 0; t < Tile::RW; ++t, ptr += sw)
+      if (t < valid) *ptr = from_float<T>(in[t]);
   }
 }
 
@@ -437,26 +449,22 @@ __device__ __forceinline__ void forward_body(const DepthwiseParams& p, const Con
   const bool vec = row_ok && strip_vectors<Tile, T>(p, w0);
   if constexpr (TRAINING) {
     // Statistics of exactly the values the apply pass and the backward will see: act of the stored a.
+    // act is evaluated for every output of the strip (those past the map are finite: they come from the zero
+    // padding) and the sums select the valid ones: no branch per output around act (each cost a BSSY/BRA/BSYNC).
     float a[RW], g[RW], sum = 0.f;
-    int count = 0;
+    const int count = imax(0, imin(valid, RW));
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
       a[t] = round_to<T>(acc[t] + bias);
-      g[t] = 0.f;
-      if (t < valid) {
-        g[t] = act.forward(a[t]);
-        sum += g[t];
-        ++count;
-      }
+      g[t] = act.forward(a[t]);
+      sum += t < count ? g[t] : 0.f;
     }
     if (row_ok) store_strip<Tile, T>(static_cast<T*>(p.a.data) + offset(p.a, tp.n, c, h, w0), p.a.sw, valid, vec, a);
     Welford st{static_cast<float>(count), count > 0 ? sum / count : 0.f, 0.f};
 #pragma unroll
     for (int t = 0; t < RW; ++t) {
-      if (t < valid) {
-        const float d = g[t] - st.mean;
-        st.m2 += d * d;
-      }
+      const float d = g[t] - st.mean;
+      st.m2 += t < count ? d * d : 0.f;
     }
     write_tile_stats<Tile>(p, plan, smem + plan.off_stats, st, me, c0, tile);
   } else if (row_ok) {

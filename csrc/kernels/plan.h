@@ -188,7 +188,7 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_
   plan.dac_width = Tile::kChannelsLast ? Tile::TW : Tile::TW + 1;
   const int64_t cb = Tile::CB, sw = plan.smem_width, xt = int64_t(Tile::TH) * plan.dac_width;
   auto floats = [&](int kc) {
-    return cb * ((Tile::TH + kc - 1) * sw + xt + 4) + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW);
+    return cb * ((Tile::TH + kc - 1) * sw + xt + 4) + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW) + 3;
   };
   plan.row_chunk = largest_chunk(p.KH, budget, floats);
   if (plan.row_chunk == 0 || (one_pass && plan.row_chunk < p.KH)) {
@@ -200,7 +200,7 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_
   plan.off_da = 0;
   plan.off_w = static_cast<int>(cb * plan.rows_alloc * sw);
   plan.off_dac = static_cast<int>(plan.off_w + weight_tile_floats(Tile::kChannelsLast, Tile::CB, plan.row_chunk, p.KW));
-  plan.off_coef = static_cast<int>(plan.off_dac + xt * cb);
+  plan.off_coef = static_cast<int>((plan.off_dac + xt * cb + 3) / 4 * 4);  // 16-byte aligned: GradPreactValue's vector reads
   plan.smem_floats = floats(plan.row_chunk);
   plan.smem_bytes = plan.smem_floats * 4;
   plan.kernel_k = specialization(p, plan.row_chunk);
