@@ -16,7 +16,7 @@ largest error on [-9, 9] is ~1.5 float32 ulp of 1 in absolute terms (torch's own
 ``0.5 * (1 + erf(x / sqrt 2))``: ~1 ulp), and the lower tail is *more* accurate than torch's, which loses
 everything to cancellation in 1 + erf: ~1e-6 relative at x = -3 against ~1e-5 (tests/test_normal_cdf.py
 measures both). Cost per GELU in a one-line sm_90 test kernel: Triton ~24 instructions instead of ~35
-(70 registers instead of 125); CUDA ~29 instead of nvcc's ``erff`` ~33.
+(70 registers instead of 125); CUDA ~25 instead of nvcc's ``erff`` ~33.
 
 ``fit()`` regenerates the coefficients (numpy only, float64 ground truth from ``math.erfc``);
 ``csrc/kernels/common.cuh`` carries the same numbers for the CUDA extension (a test compares them).

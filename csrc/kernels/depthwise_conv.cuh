@@ -262,7 +262,7 @@ __device__ void load_weights(const DepthwiseParams& p, const WeightTile<Tile>& d
   const int taps = kc * KW, kk = KH * KW, dc = Tile::THREADS / taps, ds = Tile::THREADS - dc * taps;
   const int channels = imin(Tile::CB, p.C - c0);  // the block's real channels; the rest of the tile is zero
   const int last = flip ? taps - 1 : 0, sign = flip ? -1 : 1;
-  for (int c = threadIdx.x / taps, s = threadIdx.x - (threadIdx.x / taps) * taps; c < Tile::CB;) {
+  for (int c = threadIdx.x / taps, s = threadIdx.x % taps; c < Tile::CB;) {
     dst.at_tap(c, last + sign * s) = c < channels ? to_float(weight[c * kk + s]) : 0.f;  // c * kk + s < CB * kk: int
     c += dc;
     s += ds;

@@ -188,6 +188,7 @@ inline ConvPlan plan_backward_tile(const DepthwiseParams& p, int num_sms, int64_
   plan.dac_width = Tile::kChannelsLast ? Tile::TW : Tile::TW + 1;
   const int64_t cb = Tile::CB, sw = plan.smem_width, xt = int64_t(Tile::TH) * plan.dac_width;
   auto floats = [&](int kc) {
+    // + 3: room to align the coefficient table (off_coef) to 16 bytes
     return cb * ((Tile::TH + kc - 1) * sw + xt + 4) + weight_tile_floats(Tile::kChannelsLast, Tile::CB, kc, p.KW) + 3;
   };
   plan.row_chunk = largest_chunk(p.KH, budget, floats);
